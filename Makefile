@@ -1,0 +1,55 @@
+# pix2pix_nb: every target installs what it needs into .venv first, so a fresh clone needs only `make demo` / `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install demo test test-fast test-slow export check-export check-clean nbtest pytest readme clean-nbs bench docs-preview
+
+help:
+	@echo "make demo        - set up .venv and run the demo (writes runs/demo/)"
+	@echo "make test        - set up .venv, check exports/notebooks are clean, nbdev_test, pytest"
+	@echo "make test-slow   - also run cells flagged #| slow and tests marked slow"
+	@echo "make readme      - regenerate README.md from nbs/index.ipynb"
+	@echo "make bench       - run benchmarks/ and rewrite BENCHMARKS.md"
+	@echo "make docs-preview- render the docs locally to _docs_preview/ and browser-test them"
+
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pix2pix_demo --out runs/demo
+
+# The library must be exactly what the notebooks export, and notebooks must be stored clean.
+check-export: $(STAMP)
+	$(BIN)/python tools/unchanged.py pix2pix_nb -- $(BIN)/nbdev_export
+
+check-clean: $(STAMP)
+	$(BIN)/python tools/unchanged.py nbs -- $(BIN)/nbdev_clean
+
+nbtest: $(STAMP)
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test: check-export check-clean nbtest pytest
+	$(BIN)/python tools/readme.py --check
+
+test-slow: $(STAMP)
+	$(BIN)/nbdev_test --n_workers 1 --flags slow --timing
+	$(BIN)/python -m pytest -q tests --runslow
+
+export: $(STAMP)
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+
+readme: $(STAMP)
+	$(BIN)/python tools/readme.py
