@@ -1,0 +1,24 @@
+"""Shared pytest setup: `--runslow` enables tests marked `slow`; `facades` gives the real data or skips."""
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FACADES = ROOT.parent/'shared'/'data'/'facades'
+
+def pytest_addoption(parser):
+    parser.addoption('--runslow', action='store_true', default=False, help='run tests marked slow')
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: heavy test, run with --runslow (make test-slow)')
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption('--runslow'): return
+    skip = pytest.mark.skip(reason='slow: run with --runslow (make test-slow)')
+    for item in items:
+        if 'slow' in item.keywords: item.add_marker(skip)
+
+@pytest.fixture
+def facades():
+    "Path to the real CMP facades (pix2pix AB layout), or skip when this checkout has none."
+    if not (FACADES/'train').is_dir(): pytest.skip(f'real facades not found at {FACADES}')
+    return FACADES
