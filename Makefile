@@ -53,3 +53,21 @@ export: $(STAMP)
 
 readme: $(STAMP)
 	$(BIN)/python tools/readme.py
+
+# Render the docs locally and test them in headless Chromium (not part of `make test`: it installs
+# Debian's chromium + chromium-driver on first use and takes a few minutes). See tools/docs_preview.py.
+CHROMIUM_PKGS := chromium chromium-driver
+docs-preview: $(STAMP) docs-chromium
+	$(BIN)/python tools/docs_preview.py
+
+# Re-run only the browser test on the pages already rendered in _docs_preview/.
+.PHONY: docs-browser-test docs-chromium
+docs-browser-test: docs-chromium
+	$(BIN)/python tools/docs_preview.py --browser-only
+
+docs-chromium:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "installing $(CHROMIUM_PKGS) with apt (Debian packages)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(CHROMIUM_PKGS) >/dev/null; \
+	fi
