@@ -1,0 +1,110 @@
+"""pix2pix_nb.train: exact resume, Ctrl-C, NaN guard, checkpoint atomicity and safe loading (tiny nets, CPU)."""
+import os, signal, pickle
+from pathlib import Path
+import pytest, torch, torch.nn as nn
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.progress import ProgressCallback
+from fastai.torch_core import set_seed
+from pix2pix_nb.data import synthetic_facades, pix2pix_dls
+from pix2pix_nb.train import (pix2pix_learner, Checkpoint, NanGuard, EpochGrid, NonFiniteLossError, CheckpointError,
+                              read_checkpoint, load_checkpoint, save_checkpoint, atomic_save, CKPT_FORMAT)
+
+class TinyG(nn.Module):
+    "3x3 conv net with BatchNorm and dropout (the two stateful/random parts of the real U-Net)."
+    def __init__(self, nf=8):
+        super().__init__(); self.hparams = dict(nf=nf)
+        self.net = nn.Sequential(nn.Conv2d(3, nf, 3, 1, 1), nn.BatchNorm2d(nf), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(nf, 3, 3, 1, 1), nn.Tanh())
+    def forward(self, x): return self.net(x)
+
+class TinyD(nn.Module):
+    def __init__(self, nf=8):
+        super().__init__(); self.hparams = dict(nf=nf)
+        self.net = nn.Sequential(nn.Conv2d(6, nf, 4, 2, 1), nn.BatchNorm2d(nf), nn.LeakyReLU(0.2), nn.Conv2d(nf, 1, 3, 1, 1))
+    def forward(self, x): return self.net(x)
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return synthetic_facades(tmp_path_factory.mktemp('synth'), n_train=8, n_val=4, n_test=2, size=32)
+
+def make(data, ck, seed=0, extra=()):
+    set_seed(seed)
+    dls = pix2pix_dls(data, size=32, bs=2, num_workers=0)
+    learn = pix2pix_learner(dls, TinyG(), TinyD(), cbs=[NanGuard(), Checkpoint(ck, every=1),
+                            EpochGrid(2, Path(ck).parent/'grids', widget=False, size=32), *extra])
+    learn.remove_cb(ProgressCallback)
+    return learn
+
+def state(learn): return {f'{n}.{k}': v.clone() for n, m in learn.trainer.nets.items() for k, v in m.state_dict().items()}
+
+class StopAfterEpoch(Callback):
+    order = 99 # after Checkpoint
+    def __init__(self, epoch): self.stop = epoch
+    def after_epoch(self):
+        if self.epoch == self.stop: raise CancelFitException
+
+def test_resume_is_exact(data, tmp_path):
+    full = make(data, tmp_path/'a'/'ck.pt'); w0 = state(full)
+    full.fit_linear_decay(2, 2)
+    part = make(data, tmp_path/'b'/'ck.pt', extra=[StopAfterEpoch(1)]); part.fit_linear_decay(2, 2)
+    assert read_checkpoint(tmp_path/'b'/'ck.pt')['epoch'] == 2
+    res = make(data, tmp_path/'b'/'ck.pt', seed=123)  # different seed: everything must come from the checkpoint
+    res.fit_linear_decay(2, 2, resume=tmp_path/'b'/'ck.pt')
+    a, b, p = state(full), state(res), state(part)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert not all(torch.equal(a[k], w0[k]) for k in a) and not all(torch.equal(a[k], p[k]) for k in a)
+    assert len(res.recorder.values) == 2 and read_checkpoint(tmp_path/'b'/'ck.pt')['epoch'] == 4
+    assert sorted(f.name for f in (tmp_path/'b'/'grids').glob('epoch_*.png')) == [f'epoch_{i:03d}.png' for i in range(4)]
+    assert (tmp_path/'b'/'grids'/'progression.png').is_file()
+    opts = read_checkpoint(tmp_path/'b'/'ck.pt')['opts']
+    assert set(opts) == {'G', 'D'} and opts['G']['param_groups'][0]['lr'] < 1e-4 # decayed
+
+class SigintAt(Callback):
+    def __init__(self, epoch, it): self.at = (epoch, it)
+    def after_batch(self):
+        if self.training and (self.epoch, self.iter) == self.at: os.kill(os.getpid(), signal.SIGINT)
+
+def test_ctrl_c_saves_and_resume_finishes(data, tmp_path, capsys):
+    ck = tmp_path/'ck.pt'
+    learn = make(data, ck, extra=[SigintAt(1, 1)]); learn.fit_linear_decay(2, 1)
+    assert learn.interrupted and 'Ctrl-C' in capsys.readouterr().out
+    c = read_checkpoint(ck); assert (c['epoch'], c['batch']) == (1, 2)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler # handler restored
+    res = make(data, ck); res.fit_linear_decay(2, 1, resume=ck)
+    assert not res.interrupted and read_checkpoint(ck)['epoch'] == 3 and len(res.recorder.values) == 2
+
+class PoisonG(Callback):
+    def before_batch(self):
+        if self.training and self.epoch == 1 and self.iter == 1:
+            with torch.no_grad():
+                for p in self.learn.model.G.parameters(): p.fill_(float('nan'))
+
+def test_nan_guard_stops_and_keeps_last_good(data, tmp_path):
+    ck = tmp_path/'ck.pt'
+    learn = make(data, ck, extra=[PoisonG()])
+    with pytest.raises(NonFiniteLossError, match=r'non-finite loss .* at epoch 1, batch 1.*last good checkpoint kept'):
+        learn.fit_linear_decay(3)
+    c = read_checkpoint(ck)
+    assert c['epoch'] == 1 and all(torch.isfinite(v).all() for v in c['nets']['G'].values() if v.is_floating_point())
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    p = atomic_save({'format': CKPT_FORMAT, 'x': torch.ones(3)}, tmp_path/'ck.pt'); before = p.read_bytes()
+    def broken_save(obj, f): f.write(b'partial'); raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', broken_save)
+    with pytest.raises(OSError, match='disk full'): atomic_save({'x': torch.zeros(3)}, p)
+    assert p.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ['ck.pt']
+
+class Evil:
+    def __reduce__(self): return (os.system, ('echo pwned',))
+
+def test_loading_never_unpickles_objects(tmp_path, data):
+    bad = tmp_path/'evil.pt'; torch.save({'format': CKPT_FORMAT, 'x': Evil()}, bad)
+    with pytest.raises(CheckpointError, match='cannot read checkpoint'): read_checkpoint(bad)
+    (tmp_path/'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(CheckpointError, match='junk.pt'): read_checkpoint(tmp_path/'junk.pt')
+    torch.save({'a': torch.ones(1)}, tmp_path/'other.pt')
+    with pytest.raises(CheckpointError, match='not a pix2pix_nb checkpoint'): read_checkpoint(tmp_path/'other.pt')
+    with pytest.raises(CheckpointError, match='not found'): read_checkpoint(tmp_path/'missing.pt')
+    learn = make(data, tmp_path/'ck.pt'); learn.create_opt(); save_checkpoint(learn, tmp_path/'ck.pt', 1)
+    set_seed(0); other = pix2pix_learner(pix2pix_dls(data, size=32, bs=2, num_workers=0), TinyG(16), TinyD())
+    with pytest.raises(CheckpointError, match="weights for 'G' do not fit"): load_checkpoint(other, tmp_path/'ck.pt')
