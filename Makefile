@@ -55,8 +55,8 @@ readme: $(STAMP)
 	$(BIN)/python tools/readme.py
 
 # Render the docs locally and test them in headless Chromium (not part of `make test`: it installs
-# Debian's chromium + chromium-driver on first use and takes a few minutes). See tools/docs_preview.py.
-CHROMIUM_PKGS := chromium chromium-driver
+# Debian's chromium, chromium-driver and libjs-mathjax on first use). See tools/docs_preview.py.
+CHROMIUM_PKGS := chromium chromium-driver libjs-mathjax
 docs-preview: $(STAMP) docs-chromium
 	$(BIN)/python tools/docs_preview.py
 
@@ -66,7 +66,7 @@ docs-browser-test: docs-chromium
 	$(BIN)/python tools/docs_preview.py --browser-only
 
 docs-chromium:
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || [ ! -f /usr/share/javascript/mathjax/MathJax.js ]; then \
 	  echo "installing $(CHROMIUM_PKGS) with apt (Debian packages)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(CHROMIUM_PKGS) >/dev/null; \

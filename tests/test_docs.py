@@ -155,7 +155,7 @@ def test_preview_nb_applies_quarto_options():
     assert cells[2]['outputs'][0]['data']['text/markdown'] == '[fit](training.html)'
     assert not any('secret' in c['source'] or 'import os' in c['source'] for c in cells)
     assert cells[3]['source'] == 'quiet()' and cells[3]['outputs'] == []
-    assert dp.WIDGET_TAG in cells[4]['metadata']['tags'] and dp.WIDGET_TAG in cells[5]['metadata']['tags']
+    assert dp.GRID_TAG in cells[4]['metadata']['tags'] and dp.GRID_TAG in cells[5]['metadata']['tags']
 
 def test_widget_html_from_saved_state():
     state = {'box': {'model_name': 'HBoxModel', 'state': {'children': ['IPY_MODEL_img', 'IPY_MODEL_lbl']}},
@@ -267,3 +267,9 @@ def test_docs_preview_browser(tmp_path):
     r = _run(proj)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (proj/'_docs_preview'/'screenshots'/'home.png').stat().st_size > 1000
+
+def test_quarto_markdown_for_nbconvert():
+    src = '[source](https://g.h/x.py#L5){target="_blank" style="float:right"}\n\n### fit {#fit .x}\n\n::: {.callout-note}\nNote\n:::'
+    out = dp.quarto_md(src)
+    assert '<a href="https://g.h/x.py#L5" target="_blank" style="float:right">source</a>' in out
+    assert '### fit\n' in out and '<div class="quarto-div callout-note">' in out and '</div>' in out

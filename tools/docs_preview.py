@@ -37,8 +37,11 @@ IMG_MIMES = ('image/png', 'image/jpeg', 'image/gif', 'image/svg+xml')
 CHROME_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-quic',
                '--no-first-run', '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage',
                '--hide-scrollbars', '--force-device-scale-factor=1']
+LOCAL_MATHJAX = Path('/usr/share/javascript/mathjax')
+MATHJAX_CDN = 'https://cdnjs.cloudflare.com/ajax/libs/mathjax/2.7.7/latest.js?config=TeX-AMS_CHTML-full,Safe'
 SHOTS = {'index': 'home', '03_training': 'training'}   # page stem -> screenshot name
-WIDGET_TAG = 'preview-widget'                          # cell tag on widgets and their static pictures
+GRID_TAG = 'preview-epoch-grid'   # cell tag: widgets, their static pictures, pictures of EpochGrid/progression cells
+_re_grid_src = re.compile(r'EpochGrid|progression|epoch_\d|epoch.grid', re.I)
 HIDE_DIRS = {'hide', 'export', 'exporti', 'default_exp'}
 
 class PreviewError(Exception): "A docs-preview step failed; the message says which page/cell and why"
@@ -113,10 +116,11 @@ def output_problems(nb, name):
                                      '(it would render as nothing on the site)')
     return probs
 
-def widget_cells(nb):
-    "Indices of cells showing a widget, plus the cell holding its static picture"
+def grid_cells(nb):
+    "Indices of cells showing a widget (plus the cell holding its static picture) or an epoch grid picture"
     cells, res = nb.get('cells', []), []
     for i, c in enumerate(cells):
+        if c.get('cell_type') == 'code' and _has_image(c) and _re_grid_src.search(src_of(c)): res.append(i)
         if c.get('cell_type') == 'code' and any(WIDGET_MIME in o.get('data', {}) for o in c.get('outputs', [])):
             res.append(i)
             if not _has_image(c):
@@ -168,6 +172,18 @@ def html_links(md, pages=None):
         return m.group(1) + '/'.join(stem[:-1] + [page]) + (m.group(3) or '')
     return _re_ipynb_link.sub(_f, md)
 
+_re_attr_link = re.compile(r'\[([^\]\n]+)\]\(([^)\s]+)\)\{([^}\n]*)\}')
+_re_head_attr = re.compile(r'^(#{1,6} .*?)\s*\{[#.][^}\n]*\}\s*$', re.M)
+_re_fence_div = re.compile(r'^:::+\s*(\{[^}\n]*\}|[\w-]+)?\s*$', re.M)
+def quarto_md(md):
+    "Pandoc/Quarto markdown that nbconvert's renderer lacks: `[a](u){attrs}` links, `{#id}` headings, `:::` divs"
+    md = _re_attr_link.sub(lambda m: f'<a href="{m.group(2)}" {m.group(3)}>{m.group(1)}</a>', md)
+    md = _re_head_attr.sub(r'\1', md)
+    def _div(m):
+        cls = re.findall(r'\.([\w-]+)', m.group(1) or '') or ([m.group(1)] if m.group(1) else [])
+        return f'\n<div class="{" ".join(["quarto-div"] + cls)}">\n' if m.group(1) else '\n</div>\n'
+    return _re_fence_div.sub(_div, md)
+
 def output_file(nb, stem):
     "The page nbdev/Quarto write for notebook `stem`: the frontmatter's `output-file`, else STEM.html"
     for c in nb.get('cells', [])[:3]:
@@ -187,7 +203,7 @@ def frontmatter(src):
 def preview_nb(nb, pages=None):
     "A copy of processed notebook `nb` ready for nbconvert: Quarto cell options applied, links fixed"
     nb, cells = copy.deepcopy(nb), []
-    wcells, wstate = set(widget_cells(nb)), widget_state(nb)
+    wcells, wstate = set(grid_cells(nb)), widget_state(nb)
     nb.get('metadata', {}).pop('widgets', None)
     title = None
     for i, c in enumerate(nb.get('cells', [])):
@@ -201,7 +217,7 @@ def preview_nb(nb, pages=None):
             if md: cells.append({'cell_type': 'markdown', 'id': f'cell-{i}', 'metadata': {}, 'source': md})
             continue
         if c.get('cell_type') == 'markdown':
-            c['source'] = html_links(src, pages)
+            c['source'] = quarto_md(html_links(src, pages))
         elif c.get('cell_type') == 'code':
             d = directives(src)
             if d.get('include') == 'false' or d.keys() & HIDE_DIRS: continue
@@ -214,9 +230,9 @@ def preview_nb(nb, pages=None):
                 if w:   # offline there is no widget JavaScript: show what the saved state would display
                     h = widget_html((w or {}).get('model_id'), wstate)
                     o['data'] = {'text/html': f'<div class="preview-widget-static">{h}</div>'} if h else {}
-                if 'text/markdown' in o.get('data', {}): o['data']['text/markdown'] = html_links(text_of(o['data']['text/markdown']), pages)
+                if 'text/markdown' in o.get('data', {}): o['data']['text/markdown'] = quarto_md(html_links(text_of(o['data']['text/markdown']), pages))
             c['execution_count'] = None
-        if i in wcells: tags.append(WIDGET_TAG)
+        if i in wcells: tags.append(GRID_TAG)
         c.setdefault('metadata', {})['tags'] = tags
         c['id'] = c.get('id') or f'cell-{i}'
         cells.append(c)
@@ -338,6 +354,7 @@ nav.preview-side a.active { font-weight: 600; color: #222; }
 nav.preview-side .site { font-weight: 700; font-size: 16px; margin-bottom: .5rem; }
 nav.preview-side .preview-banner { font-size: 11px; color: #888; margin-top: 1rem; }
 .jp-RenderedMarkdown pre { background: #f7f7f9; padding: .6rem .8rem; border-radius: 4px; }
+.quarto-div { border-left: 4px solid #2780e3; background: #f3f8fd; padding: .3rem .9rem; margin: .8rem 0; }
 p.description { font-style: italic; font-size: 135%; opacity: 70%; }
 </style>"""
 
@@ -350,7 +367,10 @@ def render(sources, title='pix2pix_nb'):
     cfg.TagRemovePreprocessor.remove_input_tags = {'remove_input'}
     cfg.TagRemovePreprocessor.enabled = True
     cfg.HTMLExporter.preprocessors = ['nbconvert.preprocessors.TagRemovePreprocessor']
-    exporter = HTMLExporter(config=cfg, template_name='lab', exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter = HTMLExporter(config=cfg, template_name='lab', exclude_input_prompt=True, exclude_output_prompt=True,
+                            mathjax_url='@MATHJAX@')
+    mathjax = LOCAL_MATHJAX if (LOCAL_MATHJAX/'MathJax.js').exists() else None   # Debian's libjs-mathjax: maths offline
+    if mathjax and not (OUT/'_mathjax').exists(): OUT.mkdir(parents=True, exist_ok=True); (OUT/'_mathjax').symlink_to(mathjax)
     for f in PROC.rglob('*'):   # assets: images, styles.css, ... (everything nbdev copied that isn't a page)
         if f.is_file() and f.suffix != '.ipynb' and f.suffix not in ('.yml', '.yaml'):
             d = OUT/f.relative_to(PROC); d.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, d)
@@ -373,6 +393,7 @@ def render(sources, title='pix2pix_nb'):
                 '<div class="preview-banner">Local preview (tools/docs_preview.py) of the Quarto site that CI builds.</div></nav>')
         css = f'<link rel="stylesheet" href="{up}styles.css">' if (OUT/'styles.css').exists() else ''
         body = body.replace('</head>', f'{css}{NAV_CSS}</head>', 1)
+        body = body.replace('@MATHJAX@', f'{up}_mathjax/MathJax.js?config=TeX-AMS_CHTML-full,Safe' if mathjax else MATHJAX_CDN)
         body = re.sub(r'(<body[^>]*>)', lambda m: m.group(1) + side, body, count=1)
         dest = OUT/rel
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -455,7 +476,7 @@ const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => (i
 const errs = [...document.querySelectorAll('[data-mime-type="application/vnd.jupyter.stderr"]')]
   .filter(e => /Traceback \(most recent call last\)|^\w+(Error|Exception)\b.*$/m.test(e.innerText) && /Traceback|Error:/.test(e.innerText))
   .map(e => e.innerText.trim().split('\n').slice(-1)[0].slice(0, 160));
-const grid = document.querySelector('.celltag_preview-widget');
+const grid = document.querySelector('.celltag_preview-epoch-grid');
 const links = [...new Set([...document.querySelectorAll('a[href]')].map(a => a.href.split('#')[0])
   .filter(u => u.startsWith(location.origin) && u !== location.href.split('#')[0]))];
 const dead = (await Promise.all(links.map(u => fetch(u, {method: 'HEAD'}).then(r => r.ok ? null : u).catch(() => u))))
@@ -487,6 +508,9 @@ def browser_test(pages, shots_dir=OUT/'screenshots'):
             for _ in range(50):
                 if chrome.js('return document.readyState') == 'complete': break
                 time.sleep(0.1)
+            for _ in range(100):   # let MathJax finish typesetting before measuring and screenshots
+                if not chrome.js('return window.MathJax && MathJax.Hub ? MathJax.Hub.queue.pending + MathJax.Hub.queue.running : 0'): break
+                time.sleep(0.1)
             r = chrome.js(PAGE_CHECK)
             bad = ([f'{rel}: broken image {s!r}' for s in r['broken']] + [f'{rel}: error output: {e}' for e in r['errs']]
                    + [f'{rel}: broken link to {u}' for u in r['dead']])
@@ -498,7 +522,7 @@ def browser_test(pages, shots_dir=OUT/'screenshots'):
             if name:
                 shots.append(chrome.shot(shots_dir/f'{name}.png', max_height=1800 if stem != 'index' else 5000))
                 if stem == '03_training':
-                    if r['grid_y'] is None: fails.append(f'{rel}: no epoch grid (widget output or its static picture) found on the page')
+                    if r['grid_y'] is None: fails.append(f'{rel}: no epoch grid found on the page (a widget output, its static picture, or a picture from a cell using EpochGrid/progression)')
                     else: shots.append(chrome.shot(shots_dir/'training_epoch_grid.png', y=max(0, int(r['grid_y']) - 40),
                                                    height=int(r['grid_h']) + 80, max_height=2500))
     finally:
