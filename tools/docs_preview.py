@@ -252,7 +252,10 @@ def process_nbs(n_workers=2, force=False):
         errs = [l.strip() for l in cause.splitlines() if re.match(r'^\w+(Error|Exception|Interrupt)\b', l.strip())]
         msg = str(e).strip().split('\n')
         raise PreviewError(f"nbdev could not process the notebooks: {msg[0]} `{msg[1] if len(msg) > 1 else ''}`"
-                           + (f' -> {errs[-1]}' if errs else '')) from None
+                           + (f' -> {errs[-1]}' if errs else '')
+                           + ('. (To build the docs nbdev runs only imports, exported and show_doc cells: a cell that'
+                              ' mixes an import with other code runs without the cells before it.)'
+                              if errs and errs[-1].startswith('NameError') else '')) from None
 
 def page_order():
     "Processed notebooks in the sidebar's order (nbdev: index first, then by file name)"
@@ -336,8 +339,10 @@ def execute_in_place(timeout=600, skip_flags=('slow', 'cuda')):
         if not needs_execution(json.loads(src.read_text(encoding='utf-8')), skip_flags): continue
         log(f'{src.name}: stored without outputs; executing it in place')
         tmp = OUT/'_inplace'/src.name
-        subprocess.run([sys.executable, __file__, '--exec-one', str(src), str(tmp), '--flags', *skip_flags,
-                        '--raw'], cwd=ROOT, timeout=timeout, check=True)
+        try: r = subprocess.run([sys.executable, __file__, '--exec-one', str(src), str(tmp), '--flags', *skip_flags,
+                                 '--raw'], cwd=ROOT, timeout=timeout)
+        except subprocess.TimeoutExpired: raise PreviewError(f'{src.name}: executing it took over {timeout}s (--nb-timeout)') from None
+        if r.returncode: raise PreviewError(f'{src.name}: a cell raised while executing it (traceback above)')
         nb, out = read_nb(src), read_nb(tmp)
         for c, o in zip(nb.cells, out.cells):
             if c.cell_type == 'code': c.outputs = o.get('outputs', [])
