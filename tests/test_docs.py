@@ -274,3 +274,12 @@ def test_quarto_markdown_for_nbconvert():
     out = dp.quarto_md(src)
     assert '<a href="https://g.h/x.py#L5" target="_blank" style="float:right">source</a>' in out
     assert '### fit\n' in out and '<div class="quarto-div callout-note">' in out and '</div>' in out
+
+def test_structure_notes():
+    good = nbk(md('# Training\n\n> One line.'), md('What this teaches and why.'), code('fit()', [png()]),
+               md('## Summary\n\n- D then G on every batch'))
+    assert dp.structure_notes(good, good, 'g.ipynb') == []
+    bad = nbk(md('# T\n\n> two\n> lines'), code('fit()'), md('the end'))
+    notes = '\n'.join(dp.structure_notes(bad, bad, 'b.ipynb'))
+    for w in ['spans 2 lines', 'no introduction', 'no pictures', 'no closing summary']: assert w in notes, w
+    assert 'Title' in dp.structure_notes(nbk(code('x')), nbk(), 'c.ipynb')[0]

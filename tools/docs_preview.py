@@ -41,8 +41,10 @@ LOCAL_MATHJAX = Path('/usr/share/javascript/mathjax')
 MATHJAX_CDN = 'https://cdnjs.cloudflare.com/ajax/libs/mathjax/2.7.7/latest.js?config=TeX-AMS_CHTML-full,Safe'
 SHOTS = {'index': 'home', '03_training': 'training'}   # page stem -> screenshot name
 GRID_TAG = 'preview-epoch-grid'   # cell tag: widgets, their static pictures, pictures of EpochGrid/progression cells
-_re_grid_src = re.compile(r'EpochGrid|progression|epoch_\d|epoch.grid', re.I)
+_re_grid_src = re.compile(r'EpochGrid|progression|epoch_\d|epoch.?grid', re.I)
 HIDE_DIRS = {'hide', 'export', 'exporti', 'default_exp'}
+
+NOTES = []   # soft findings, printed at the end
 
 class PreviewError(Exception): "A docs-preview step failed; the message says which page/cell and why"
 
@@ -115,6 +117,24 @@ def output_problems(nb, name):
                         probs.append(f'{where} shows a widget with no saved state and no static image beside it '
                                      '(it would render as nothing on the site)')
     return probs
+
+_re_summary = re.compile(r'^#{2,3}\s.*(summary|recap|takeaway|what we (built|learned|did)|wrap.?up|conclusion)', re.I | re.M)
+def structure_notes(src_nb, shown_nb, name):
+    "Soft checks of the book's chapter conventions (printed as notes, never failures)"
+    notes, cells = [], src_nb.get('cells', [])
+    mds = [src_of(c) for c in cells if c.get('cell_type') == 'markdown']
+    if not mds or not mds[0].lstrip().startswith('# '):
+        return [f'{name}: does not start with a `# Title` markdown cell']
+    quote = [l for l in mds[0].splitlines() if l.startswith('>')]
+    if not quote: notes.append(f'{name}: no `> description` line under the title (the page subtitle)')
+    elif len(quote) > 1: notes.append(f'{name}: the `> description` spans {len(quote)} lines; nbdev keeps only the first')
+    first_code = next((i for i, c in enumerate(cells) if runs_visibly(c)), len(cells))
+    if sum(1 for c in cells[1:first_code] if c.get('cell_type') == 'markdown') == 0:
+        notes.append(f'{name}: no introduction (what it teaches and why) before the first visible code cell')
+    pics = sum(_has_image(c) for c in shown_nb.get('cells', [])) + sum('![' in m or '<img' in m for m in mds)
+    if not pics: notes.append(f'{name}: no pictures (figures or images) on the page')
+    if not _re_summary.search('\n'.join(mds[-3:])): notes.append(f'{name}: no closing summary section (e.g. `## Summary`) near the end')
+    return notes
 
 def grid_cells(nb):
     "Indices of cells showing a widget (plus the cell holding its static picture) or an epoch grid picture"
@@ -385,6 +405,9 @@ def render(sources, title='pix2pix_nb'):
     for page, nb in nbs.items():
         rel = page.relative_to(PROC).parent/names[page.stem]
         probs = output_problems(nb, page.relative_to(PROC).as_posix())
+        src = NBS/page.relative_to(PROC)
+        if page.stem != 'index' and src.exists():
+            NOTES.extend(structure_notes(json.loads(src.read_text(encoding='utf-8')), nb, src.name))
         pnb, t = preview_nb(nb, names)
         titles[rel] = t or page.stem
         pages.append((page, rel, pnb, probs))
@@ -580,6 +603,7 @@ def main(argv=None):
         fails, shots = ([], []) if a.no_browser else browser_test(pages)
         fails = probs + fails
         for s in shots: log(f'screenshot: {Path(s).relative_to(ROOT)}')
+        for n in NOTES: log(f'note: {n}')
         if fails:
             for f in fails: print('  FAIL', f, file=sys.stderr)
             raise PreviewError(f'{len(fails)} problem(s) in the rendered docs (listed above)')
