@@ -10,7 +10,8 @@
    notebooks. A notebook whose visible code cells have no outputs at all is executed the way
    `nbdev_test` runs it (execnb, cells flagged `tst_flags` (`slow`, `cuda`) or `#| eval: false`
    skipped, `IN_TEST=1`), in its own process with a timeout (`--nb-timeout`), then processed by
-   nbdev. Results are cached in _docs_preview/_exec/ until the notebook changes.
+   nbdev. Results are cached in _docs_preview/_exec/ until the notebook, settings.ini or the
+   library changes.
    (`--execute always|never` overrides; the deploy workflow runs `--execute-in-place` so the
    published site shows the same outputs.)
 3. **Render** every processed notebook to _docs_preview/NAME.html with nbconvert's lab template,
@@ -19,9 +20,12 @@
    copied. Static checks: error outputs, tracebacks, and widget outputs that would render as
    nothing (a widget needs its saved state, or a static image in the same or the next cell).
 4. **Browser test**: Debian's chromium (headless, driven by chromedriver over its plain HTTP
-   WebDriver API, fresh profile, page served on 127.0.0.1) opens every page and fails on broken
-   images (`naturalWidth == 0`) or error outputs; screenshots of the home page and the training
-   chapter (top and epoch grid) go to _docs_preview/screenshots/.
+   WebDriver API, fresh profile, pages served on 127.0.0.1; maths typeset offline by Debian's
+   libjs-mathjax when installed) opens every page and fails on broken images
+   (`naturalWidth == 0`), error outputs or links to pages that don't exist; screenshots of the
+   home page and the training chapter (top, and its epoch grid) go to _docs_preview/screenshots/.
+   Notes (never failures) flag chapters missing the book's conventions: a one-line `> description`,
+   an introduction before the code, pictures, a closing summary.
 """
 import argparse, base64, copy, json, os, re, shutil, socket, subprocess, sys, tempfile, threading, time
 import urllib.error, urllib.request
@@ -325,6 +329,7 @@ def exec_one(src, dst, skip_flags):
 
 def execute_where_needed(pages, mode='auto', timeout=600, skip_flags=('slow', 'cuda')):
     "Return ({processed page: notebook to render}, problems), executing chapters stored without outputs per `mode`"
+    from nbdev.config import get_config
     res, exec_dir, problems = {}, OUT/'_exec', []
     for p in pages:
         rel = p.relative_to(PROC)
@@ -334,7 +339,8 @@ def execute_where_needed(pages, mode='auto', timeout=600, skip_flags=('slow', 'c
         nb = json.loads(src.read_text(encoding='utf-8'))
         if mode == 'auto' and not needs_execution(nb, skip_flags): continue
         dst = exec_dir/rel
-        if dst.exists() and dst.stat().st_mtime >= max(src.stat().st_mtime, (ROOT/'settings.ini').stat().st_mtime):
+        deps = [src, ROOT/'settings.ini', *(ROOT/get_config().lib_name).glob('*.py')]
+        if dst.exists() and dst.stat().st_mtime >= max(f.stat().st_mtime for f in deps):
             log(f'{rel}: stored without outputs; using cached execution'); res[p] = dst; continue
         log(f'{rel}: stored without outputs; executing it (timeout {timeout}s)...')
         t = time.time()
@@ -395,7 +401,8 @@ def render(sources, title='pix2pix_nb'):
     exporter = HTMLExporter(config=cfg, template_name='lab', exclude_input_prompt=True, exclude_output_prompt=True,
                             mathjax_url='@MATHJAX@')
     mathjax = LOCAL_MATHJAX if (LOCAL_MATHJAX/'MathJax.js').exists() else None   # Debian's libjs-mathjax: maths offline
-    if mathjax and not (OUT/'_mathjax').exists(): OUT.mkdir(parents=True, exist_ok=True); (OUT/'_mathjax').symlink_to(mathjax)
+    link = OUT/'_mathjax'
+    if mathjax and not (link.is_symlink() or link.exists()): OUT.mkdir(parents=True, exist_ok=True); link.symlink_to(mathjax)
     for f in PROC.rglob('*'):   # assets: images, styles.css, ... (everything nbdev copied that isn't a page)
         if f.is_file() and f.suffix != '.ipynb' and f.suffix not in ('.yml', '.yaml'):
             d = OUT/f.relative_to(PROC); d.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, d)
@@ -594,8 +601,8 @@ def main(argv=None):
             if not order: raise PreviewError('no processed notebooks found in _proc/')
             sources, exec_probs = execute_where_needed(order, a.execute, a.nb_timeout, flags)
             t2 = time.time()
-            for f in OUT.rglob('*.html'):
-                if '_exec' not in f.parts: f.unlink()
+            for f in OUT.rglob('*.html'):   # old pages (never inside _exec/ or the _mathjax link)
+                if not any(x.startswith('_') for x in f.relative_to(OUT).parts) and not f.is_symlink(): f.unlink()
             rendered = render(sources, get_config().get('title', 'docs'))
             t3 = time.time(); log(f'rendered {len(rendered)} pages to {OUT.relative_to(ROOT)}/ in {t3-t2:.0f}s')
             pages = [(stem, path) for stem, path, _ in rendered]
