@@ -45,7 +45,7 @@ LOCAL_MATHJAX = Path('/usr/share/javascript/mathjax')
 MATHJAX_CDN = 'https://cdnjs.cloudflare.com/ajax/libs/mathjax/2.7.7/latest.js?config=TeX-AMS_CHTML-full,Safe'
 SHOTS = {'index': 'home', '03_training': 'training'}   # page stem -> screenshot name
 GRID_TAG = 'preview-epoch-grid'   # cell tag: widgets, their static pictures, pictures of EpochGrid/progression cells
-_re_grid_src = re.compile(r'EpochGrid|progression|epoch_\d|epoch.?grid', re.I)
+_re_grid_src = re.compile(r'EpochGrid|progression|epoch_\d|epoch.?grid|\bgrids?\b', re.I)
 HIDE_DIRS = {'hide', 'export', 'exporti', 'default_exp'}
 
 NOTES = []   # soft findings, printed at the end
@@ -557,7 +557,7 @@ def browser_test(pages, shots_dir=OUT/'screenshots'):
             if name:
                 shots.append(chrome.shot(shots_dir/f'{name}.png', max_height=1800 if stem != 'index' else 5000))
                 if stem == '03_training':
-                    if r['grid_y'] is None: fails.append(f'{rel}: no epoch grid found on the page (a widget output, its static picture, or a picture from a cell using EpochGrid/progression)')
+                    if r['grid_y'] is None: fails.append(f'{rel}: no epoch grid found on the page (a widget output, its static picture, or a picture from a cell whose code names EpochGrid, grid or progression)')
                     else: shots.append(chrome.shot(shots_dir/'training_epoch_grid.png', y=max(0, int(r['grid_y']) - 40),
                                                    height=int(r['grid_h']) + 80, max_height=2500))
     finally:
