@@ -265,21 +265,41 @@ def preview_nb(nb, pages=None):
 
 # ---------------------------------------------------------------- 1. process, 2. execute
 def process_nbs(n_workers=2, force=False):
-    "nbdev_proc_nbs without the Quarto install: refresh nbdev.yml and sidebar.yml, nbs/ -> _proc/"
+    """What `nbdev_proc_nbs` does (nbdev.serve.proc_nbs, same cache rules) without its Quarto installer, and
+    one notebook at a time: a chapter that nbdev can't process is reported and the others still render.
+    Returns a list of problems."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing, nbdev.serve, nbdev.serve_drv
+    from nbdev.config import get_config
+    from nbdev.doclinks import nbglob
     from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar
-    from nbdev.serve import proc_nbs
+    from nbdev.serve import _proc_file
+    cfg = get_config()
     refresh_quarto_yml()
     nbdev_sidebar.__wrapped__(path=NBS)
-    try: return proc_nbs(NBS, n_workers=n_workers, force=force)
-    except Exception as e:   # nbdev runs imports, exported cells and show_doc cells; one of them raised
-        cause = str(e.__cause__ or '')
-        errs = [l.strip() for l in cause.splitlines() if re.match(r'^\w+(Error|Exception|Interrupt)\b', l.strip())]
-        msg = str(e).strip().split('\n')
-        raise PreviewError(f"nbdev could not process the notebooks: {msg[0]} `{msg[1] if len(msg) > 1 else ''}`"
-                           + (f' -> {errs[-1]}' if errs else '')
-                           + ('. (To build the docs nbdev runs only imports, exported and show_doc cells: a cell that'
-                              ' mixes an import with other code runs without the cells before it.)'
-                              if errs and errs[-1].startswith('NameError') else '')) from None
+    files = nbglob(NBS, func=Path, file_glob='', file_re='')
+    files += [NBS/f for f in ('_quarto.yml', '_brand.yml') if (NBS/f).exists()]
+    chk_mtime = max(cfg.config_file.stat().st_mtime, Path(nbdev.serve.__file__).stat().st_mtime)
+    PROC.mkdir(parents=True, exist_ok=True)
+    if force or PROC.stat().st_mtime < chk_mtime: shutil.rmtree(PROC); PROC.mkdir()
+    items = [o for o in (_proc_file(f, cache=PROC, path=NBS, mtime=PROC.stat().st_mtime) for f in files) if o]
+    problems = []
+    with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context('spawn')) as ex:
+        futs = [(item, ex.submit(nbdev.serve_drv.main, item)) for item in items]
+        for (src, dst, _), fut in futs:
+            try: fut.result()
+            except Exception as e:   # nbdev runs imports, exported cells and show_doc cells; one of them raised
+                Path(dst).unlink(missing_ok=True)   # no stale page from an older version
+                cause = str(e.__cause__ or '')
+                errs = [l.strip() for l in cause.splitlines() if re.match(r'^\w+(Error|Exception|Interrupt)\b', l.strip())]
+                cell = str(e).strip().split('\n')
+                problems.append(f"{Path(src).name}: nbdev could not process it: {cell[0].split(' in notebook: ')[-1]} "
+                                f"`{cell[1] if len(cell) > 1 else ''}`" + (f' -> {errs[-1]}' if errs else '')
+                                + ('  (to build the docs nbdev runs only imports, exported and show_doc cells: a cell'
+                                   ' that mixes an import with other code runs without the cells before it)'
+                                   if errs and errs[-1].startswith('NameError') else ''))
+    PROC.touch()
+    return problems
 
 def page_order():
     "Processed notebooks in the sidebar's order (nbdev: index first, then by file name)"
@@ -595,7 +615,8 @@ def main(argv=None):
             probs = []
         else:
             log('processing notebooks (nbdev: nbs/ -> _proc/)...')
-            process_nbs(force=a.force)
+            proc_probs = process_nbs(force=a.force)
+            for x in proc_probs: log(f'FAIL {x}')
             t1 = time.time(); log(f'processed in {t1-t0:.0f}s')
             order = page_order()
             if not order: raise PreviewError('no processed notebooks found in _proc/')
@@ -606,7 +627,7 @@ def main(argv=None):
             rendered = render(sources, get_config().get('title', 'docs'))
             t3 = time.time(); log(f'rendered {len(rendered)} pages to {OUT.relative_to(ROOT)}/ in {t3-t2:.0f}s')
             pages = [(stem, path) for stem, path, _ in rendered]
-            probs = exec_probs + [x for _, _, ps in rendered for x in ps]
+            probs = proc_probs + exec_probs + [x for _, _, ps in rendered for x in ps]
         fails, shots = ([], []) if a.no_browser else browser_test(pages)
         fails = probs + fails
         for s in shots: log(f'screenshot: {Path(s).relative_to(ROOT)}')
