@@ -41,7 +41,7 @@ def test_cli_bad_input_is_one_line(tmp_path, unpaired):
 ])
 def test_cli_bad_input(tmp_path, unpaired, kwargs, needle):
     from pix2pix_nb.cyclegan import pix2pix_cyclegan
-    kw = dict(source_a=str(unpaired[0]), epochs=1, size=32, out=str(tmp_path/'run'), progress=False) | kwargs
+    kw = dict(source_a=str(unpaired[0]), epochs=1, size=32, out=str(tmp_path/'run'), no_progress=True) | kwargs
     if 'facades' in kwargs: kw['source_a'] = 'synthetic'
     with pytest.raises(SystemExit) as e: pix2pix_cyclegan(**kw)
     msg = str(e.value)
@@ -51,7 +51,7 @@ def test_cli_tiny_run_and_resume(tmp_path, unpaired):
     root, paired = unpaired
     out = tmp_path/'run'
     common = ['--source_a', root, '--valid', paired, '--size', 32, '--bs', 2, '--ngf', 8, '--ndf', 8, '--n_blocks', 1,
-              '--n_layers', 2, '--n_grid', 2, '--epochs', 2, '--save_every', 1, '--progress', 'False', '--out', out]
+              '--n_layers', 2, '--n_grid', 2, '--epochs', 2, '--save_every', 1, '--no_progress', '--out', out]
     r = cli(*common)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'epoch 1:' in r.stdout and 'cycle_A=' in r.stdout and 'D_B=' in r.stdout
@@ -63,7 +63,7 @@ def test_cli_tiny_run_and_resume(tmp_path, unpaired):
     from pix2pix_nb.inference import load_generator
     G = load_generator(out/'generator.safetensors', device='cpu')
     assert G(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
-    r = cli(*common, '--resume', 'auto')                                  # the run is complete: clear one-line refusal
+    r = cli(*common, '--resume', 'last')                                  # the run is complete: clear one-line refusal
     assert r.returncode != 0 and 'nothing left to train' in r.stderr
 
 def test_unpaired_split_is_disjoint(tmp_path):
@@ -121,3 +121,26 @@ def test_two_process_gloo_ddp(tmp_path, unpaired):
     j0 = json.loads((tmp_path/'rank0.json').read_text())
     assert j0['n_iter'] == 1                       # 4 A images / 2 ranks / bs 2
     assert (tmp_path/'ck.pt').is_file()
+
+def _tiny(root, paired, out, **kw):
+    from pix2pix_nb.cyclegan import fit_cyclegan
+    args = dict(size=32, bs=2, ngf=8, ndf=8, n_blocks=1, n_layers=2, n_grid=2, valid=paired, epochs=1, save_every=1,
+                export=False, progress=False, out=out) | kw
+    return fit_cyclegan(root, **args)
+
+def test_bf16_channels_last(tmp_path, unpaired):
+    "Shared Precision and ChannelsLast callbacks work with the four-network trainer (CPU autocast in bf16)."
+    learn = _tiny(*unpaired, tmp_path/'r', precision='bf16', channels_last=True)
+    vals = learn.recorder.values[-1]
+    assert all(np.isfinite(v) for v in vals), vals
+    assert learn.model.G_A.encoder[1].weight.is_contiguous(memory_format=torch.channels_last)
+
+def test_nan_guard_stops_with_clear_error(tmp_path, unpaired):
+    from fastai.callback.core import Callback
+    from pix2pix_nb.train import NonFiniteLossError
+    class Poison(Callback):
+        def before_batch(self):
+            if self.training and self.iter == 1:
+                with torch.no_grad(): next(self.learn.model.D_A.parameters()).fill_(float('nan'))
+    with pytest.raises(NonFiniteLossError, match='non-finite loss'):
+        _tiny(*unpaired, tmp_path/'r', cbs=Poison(), epochs=2)
