@@ -223,6 +223,24 @@ def _project(tmp_path):
     pct('# %% [markdown]\n# # Home\n#\n# > Test site\n#\n# [widgets](01_widgets.ipynb)\n', tmp_path/'nbs'/'index.ipynb')
     return tmp_path
 
+BAD_NB = '''
+# %% [markdown]
+# # Bad
+#
+# > nbdev runs import cells to build the docs
+
+# %%
+#| default_exp bad
+
+# %%
+#| export
+def f(): return 1
+
+# %%
+import os
+print(undefined_name)
+'''
+
 def _pct2nb():
     "Write a percent-format script as a notebook (the subset used above)"
     def pct(text, dest):
@@ -242,9 +260,12 @@ def _run(proj, *args, timeout=300):
 
 def test_docs_preview_renders_and_flags_problems(tmp_path):
     proj = _project(tmp_path)
+    _pct2nb()(BAD_NB, proj/'nbs'/'03_bad.ipynb')
     r = _run(proj, '--no-browser')
     assert r.returncode == 1, r.stdout + r.stderr
     assert 'FAIL 02_err.ipynb: cell' in r.stderr and 'ValueError: bad size' in r.stderr
+    assert "FAIL 03_bad.ipynb: nbdev could not process it: Bad in cell" in r.stderr and "NameError: name 'undefined_name'" in r.stderr
+    assert not (proj/'_docs_preview'/'bad.html').exists()
     assert '01_widgets.ipynb: stored without outputs; executing it' in r.stdout
     out = proj/'_docs_preview'
     assert {'index.html', 'widgets.html', 'err.html'} <= {p.name for p in out.glob('*.html')}
