@@ -171,3 +171,10 @@ def test_real_facades(facades):
     a, b = load_pair(find_pairs(facades, ('train',))[0])
     s = np.asarray(photo_to_sketch(a))
     assert set(np.unique(s)) == {0, 255} and 0.02 < (s == 0).mean() < 0.25
+
+def test_non_image_in_a_b_folders(tmp_path):
+    root = ab_folders(tmp_path, n=4)
+    (root/'B'/'2.png').write_bytes(b'GIF89a but not really')
+    with pytest.raises(DataError, match=r'B/2\.png') as e: pix2pix_dls(root, size=16, num_workers=0)
+    assert one_line(e)
+    with pytest.warns(UserWarning, match=r'2\.png'): assert len(find_pairs(root, skip_bad=True)) == 3
