@@ -105,7 +105,6 @@ json.dump(dict(n_iter=learn.n_iter, values=[list(map(float, v)) for v in learn.r
 ddp_cleanup()
 '''
 
-@pytest.mark.slow
 def test_two_process_gloo_ddp(tmp_path, unpaired):
     root, _ = unpaired
     script = tmp_path/'worker.py'
