@@ -178,3 +178,16 @@ def test_non_image_in_a_b_folders(tmp_path):
     with pytest.raises(DataError, match=r'B/2\.png') as e: pix2pix_dls(root, size=16, num_workers=0)
     assert one_line(e)
     with pytest.warns(UserWarning, match=r'2\.png'): assert len(find_pairs(root, skip_bad=True)) == 3
+
+def test_sketch_dataset_from_paired_set(tmp_path):
+    "The photo side of a paired set becomes B, its sketch A; splits and names are kept"
+    from pix2pix_nb.data import sketch_dataset
+    src = synthetic_facades(tmp_path/'src', n_train=3, n_val=1, n_test=0, size=48)
+    out = sketch_dataset(src, tmp_path/'out', size=48, photo_side='B')
+    pairs = find_pairs(out)
+    assert sorted((p.split, p.a.name) for p in pairs) == [('train', '0000.png'), ('train', '0001.png'), ('train', '0002.png'), ('val', '0000.png')]
+    a, b = load_pair(pairs[0])
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(load_pair(find_pairs(src)[0])[1]))
+    assert set(np.unique(np.asarray(a))) == {0, 255}
+    with pytest.raises(DataError, match="photo_side='C'"): sketch_dataset(src, tmp_path/'x', photo_side='C')
+    with pytest.raises(DataNotFoundError, match='nope'): sketch_dataset(tmp_path/'nope', tmp_path/'x')
