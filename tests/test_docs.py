@@ -261,11 +261,13 @@ def _run(proj, *args, timeout=300):
 def test_docs_preview_renders_and_flags_problems(tmp_path):
     proj = _project(tmp_path)
     _pct2nb()(BAD_NB, proj/'nbs'/'03_bad.ipynb')
+    _pct2nb()("# %% [markdown]\n# # Slow\n\n# %%\n#| slow\nimport json\nraise SystemExit('never run')\n", proj/'nbs'/'04_slow.ipynb')
     r = _run(proj, '--no-browser')
     assert r.returncode == 1, r.stdout + r.stderr
     assert 'FAIL 02_err.ipynb: cell' in r.stderr and 'ValueError: bad size' in r.stderr
     assert "FAIL 03_bad.ipynb: nbdev could not process it: Bad in cell" in r.stderr and "NameError: name 'undefined_name'" in r.stderr
     assert not (proj/'_docs_preview'/'bad.html').exists()
+    assert 'FAIL 04_slow.ipynb: cell(s) 1 are flagged slow/cuda but contain an import' in r.stderr
     assert '01_widgets.ipynb: stored without outputs; executing it' in r.stdout
     out = proj/'_docs_preview'
     assert {'index.html', 'widgets.html', 'err.html'} <= {p.name for p in out.glob('*.html')}
@@ -304,3 +306,8 @@ def test_structure_notes():
     notes = '\n'.join(dp.structure_notes(bad, bad, 'b.ipynb'))
     for w in ['spans 2 lines', 'no introduction', 'no pictures', 'no closing summary']: assert w in notes, w
     assert 'Title' in dp.structure_notes(nbk(code('x')), nbk(), 'c.ipynb')[0]
+
+def test_import_cells():
+    nb = nbk(code('#| hide\nimport os\nfrom pathlib import Path'), code('import time\nt = time.time()'),
+             code('#| slow\nimport json\nbig()'), code('#| export\nimport re\ndef f(): pass'), code('#| eval: false\nimport x\ny()'))
+    assert dp.import_cells(nb) == [(1, False), (2, True)]

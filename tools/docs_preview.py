@@ -264,6 +264,23 @@ def preview_nb(nb, pages=None):
     return nb, title
 
 # ---------------------------------------------------------------- 1. process, 2. execute
+def import_cells(nb, skip_flags=('slow', 'cuda')):
+    """Cells nbdev runs when it builds the docs although they are more than imports, as (index, flagged).
+    nbdev's docs processor runs every cell that contains an import (ignoring `slow`/`cuda` flags), plus
+    exported and show_doc cells, without the cells in between."""
+    import ast
+    res = []
+    for i, c in enumerate(nb.get('cells', [])):
+        if c.get('cell_type') != 'code': continue
+        d = directives(src_of(c))
+        if d.get('eval') == 'false' or d.keys() & {'export', 'exports', 'exporti'}: continue
+        try: tree = ast.parse('\n'.join(l for l in src_of(c).splitlines() if not l.lstrip().startswith(('%', '!'))))
+        except SyntaxError: continue
+        has_imp = any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree))
+        other = any(not isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body)
+        if has_imp and other: res.append((i, bool(d.keys() & set(skip_flags))))
+    return res
+
 def process_nbs(n_workers=2, force=False):
     """What `nbdev_proc_nbs` does (nbdev.serve.proc_nbs, same cache rules) without its Quarto installer, and
     one notebook at a time: a chapter that nbdev can't process is reported and the others still render.
@@ -282,8 +299,21 @@ def process_nbs(n_workers=2, force=False):
     chk_mtime = max(cfg.config_file.stat().st_mtime, Path(nbdev.serve.__file__).stat().st_mtime)
     PROC.mkdir(parents=True, exist_ok=True)
     if force or PROC.stat().st_mtime < chk_mtime: shutil.rmtree(PROC); PROC.mkdir()
-    items = [o for o in (_proc_file(f, cache=PROC, path=NBS, mtime=PROC.stat().st_mtime) for f in files) if o]
-    problems = []
+    problems, skip = [], set()
+    for f in files:   # heavy cells nbdev would run while building the docs: report, don't run them here
+        if f.suffix != '.ipynb': continue
+        flagged = [i for i, fl in import_cells(json.loads(f.read_text(encoding='utf-8')), get_flags()) if fl]
+        if flagged:
+            skip.add(f); (PROC/f.relative_to(NBS)).unlink(missing_ok=True)
+            problems.append(f"{f.name}: cell(s) {', '.join(map(str, flagged))} are flagged {'/'.join(get_flags())} but contain an "
+                            "import: nbdev runs every cell with an import when it builds the docs (flags ignored), so the site "
+                            "build would run them; move the imports to the notebook's import cell (not processed further)")
+    for f in files:
+        if f.suffix == '.ipynb' and f not in skip:
+            for i, _ in import_cells(json.loads(f.read_text(encoding='utf-8')), get_flags()):
+                NOTES.append(f'{f.name}: cell {i} mixes imports with other code; nbdev runs it on its own when it builds '
+                             'the docs (keep imports in import-only cells)')
+    items = [o for o in (_proc_file(f, cache=PROC, path=NBS, mtime=PROC.stat().st_mtime) for f in files if f not in skip) if o]
     with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context('spawn')) as ex:
         futs = [(item, ex.submit(nbdev.serve_drv.main, item)) for item in items]
         for (src, dst, _), fut in futs:
@@ -300,6 +330,10 @@ def process_nbs(n_workers=2, force=False):
                                    if errs and errs[-1].startswith('NameError') else ''))
     PROC.touch()
     return problems
+
+def get_flags():
+    from nbdev.config import get_config
+    return tuple(get_config().get('tst_flags', '').split())
 
 def page_order():
     "Processed notebooks in the sidebar's order (nbdev: index first, then by file name)"
