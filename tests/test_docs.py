@@ -311,3 +311,10 @@ def test_import_cells():
     nb = nbk(code('#| hide\nimport os\nfrom pathlib import Path'), code('import time\nt = time.time()'),
              code('#| slow\nimport json\nbig()'), code('#| export\nimport re\ndef f(): pass'), code('#| eval: false\nimport x\ny()'))
     assert dp.import_cells(nb) == [(1, False), (2, True)]
+
+def test_grid_cells_pick_what_a_cell_shows():
+    nb = nbk(code("test_eq(sorted(tmp.glob('grids/*.png')), x)\nplot_losses(learn.recorder);", [png()]),
+             code('IPImage(grid.frames[2])', [png()]),
+             code("display(IPImage(filename=str(out/'progression.png')))", [png()]),
+             code('grid', [widget()]), code('show_batch()', [png()]))
+    assert dp.grid_cells(nb) == [1, 2, 3, 4]   # the widget's static neighbour counts too

@@ -44,7 +44,7 @@ CHROME_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-backgro
 LOCAL_MATHJAX = Path('/usr/share/javascript/mathjax')
 MATHJAX_CDN = 'https://cdnjs.cloudflare.com/ajax/libs/mathjax/2.7.7/latest.js?config=TeX-AMS_CHTML-full,Safe'
 SHOTS = {'index': 'home', '03_training': 'training'}   # page stem -> screenshot name
-GRID_TAG = 'preview-epoch-grid'   # cell tag: widgets, their static pictures, pictures of EpochGrid/progression cells
+GRID_TAG = 'preview-epoch-grid'   # cell tag: widgets, their static pictures, cells whose last line shows a grid/progression
 _re_grid_src = re.compile(r'EpochGrid|progression|epoch_\d|epoch.?grid|\bgrids?\b', re.I)
 HIDE_DIRS = {'hide', 'export', 'exporti', 'default_exp'}
 
@@ -144,7 +144,8 @@ def grid_cells(nb):
     "Indices of cells showing a widget (plus the cell holding its static picture) or an epoch grid picture"
     cells, res = nb.get('cells', []), []
     for i, c in enumerate(cells):
-        if c.get('cell_type') == 'code' and _has_image(c) and _re_grid_src.search(src_of(c)): res.append(i)
+        last = [l for l in strip_directives(src_of(c)).splitlines() if l.strip() and not l.lstrip().startswith('#')][-1:]
+        if c.get('cell_type') == 'code' and _has_image(c) and last and _re_grid_src.search(last[0]): res.append(i)  # what it shows
         if c.get('cell_type') == 'code' and any(WIDGET_MIME in o.get('data', {}) for o in c.get('outputs', [])):
             res.append(i)
             if not _has_image(c):
@@ -611,7 +612,7 @@ def browser_test(pages, shots_dir=OUT/'screenshots'):
             if name:
                 shots.append(chrome.shot(shots_dir/f'{name}.png', max_height=1800 if stem != 'index' else 5000))
                 if stem == '03_training':
-                    if r['grid_y'] is None: fails.append(f'{rel}: no epoch grid found on the page (a widget output, its static picture, or a picture from a cell whose code names EpochGrid, grid or progression)')
+                    if r['grid_y'] is None: fails.append(f'{rel}: no epoch grid found on the page (a widget output, its static picture, or a picture from a cell whose last line names EpochGrid, grid or progression)')
                     else: shots.append(chrome.shot(shots_dir/'training_epoch_grid.png', y=max(0, int(r['grid_y']) - 40),
                                                    height=int(r['grid_h']) + 80, max_height=2500))
     finally:
