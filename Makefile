@@ -71,3 +71,9 @@ docs-chromium:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(CHROMIUM_PKGS) >/dev/null; \
 	fi
+
+# Benchmarks (~5-10 min on 2 CPU cores; not part of `make test`): rewrites the generated section of BENCHMARKS.md and
+# benchmarks/results.json. BENCH_ARGS=--quick for fewer repeats, BENCH_ARGS="--device cuda" on a GPU machine.
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
