@@ -121,6 +121,20 @@ def run_plain(cfg, n, warmup, variant=dict(), dev='cpu', seed=0):
     ts = time_steps(step, n, warmup, dev)
     return ts, {k: float(v) for k, v in last.items()}
 
+def run_plain_interleaved(cfg, variants:dict, n, warmup, dev='cpu', seed=0) -> dict:
+    "Like `run_plain` for several variants at once, stepping them round-robin so drift in machine speed hits all alike."
+    loops, bs, last, ts = {}, batches(cfg['size'], cfg['bs'], dev=dev), {}, {}
+    for name, v in variants.items():
+        G, D = pix2pix_nets(cfg['size'], cfg['ngf'], cfg['ndf'], dropout=cfg.get('dropout', True), seed=seed)
+        loops[name], ts[name] = PlainPix2Pix(G, D, dev=dev, **v), []
+    gens = {name: torch.Generator().manual_seed(seed + 1) for name in variants} # dropout streams kept apart
+    for i in range(warmup + n):
+        for name, loop in loops.items():
+            sync(dev); t = time.perf_counter()
+            last[name] = loop.step(*bs[i % len(bs)]); sync(dev)
+            if i >= warmup: ts[name].append(time.perf_counter() - t)
+    return {name: (ts[name], {k: float(v) for k, v in last[name].items()}) for name in variants}
+
 def step_flops(cfg, dev='cpu'):
     G, D = pix2pix_nets(cfg['size'], cfg['ngf'], cfg['ndf'])
     loop = PlainPix2Pix(G, D, dev=dev)
@@ -135,7 +149,7 @@ class MemDL:
     def __iter__(self):
         for i in range(self.n): yield self.bs[i % len(self.bs)]
 
-def run_fit(cfg, n, warmup, precision='fp32', channels_last=False, dev='cpu', seed=0):
+def run_fit(cfg, n, warmup, precision='fp32', channels_last=False, dev='cpu', seed=0, fused=False):
     """Steps through what `pix2pix_nb.train.fit` builds: `pix2pix_learner` (Learner + `Pix2PixTrainer`) with `fit`'s
     per-batch callbacks (NanGuard, Checkpoint, Precision, ChannelsLast, LinearDecayLR via `fit_linear_decay`); the
     time of each training batch is the interval between consecutive `after_batch` events."""
@@ -160,6 +174,9 @@ def run_fit(cfg, n, warmup, precision='fp32', channels_last=False, dev='cpu', se
         cbs.append(ChannelsLast())
     learn = pix2pix_learner(dls, G.to(dev), D.to(dev), cbs=cbs)
     learn.remove_cb(ProgressCallback); learn.logger = lambda *a, **k: None
+    if fused: # the recommended default: the same `MultiOptimizer`, its Adams with `fused=True`
+        from pix2pix_nb.train import MultiOptimizer
+        learn.opt_func = partial(MultiOptimizer, opt_func=partial(torch.optim.Adam, betas=(0.5, 0.999), fused=True))
     torch.manual_seed(seed + 1)
     learn.fit_linear_decay(1, 0, lr=2e-4)
     ts = [b - a for a, b in zip(stamps, stamps[1:])][warmup:] # the batches after `warmup`, framework time between them included
@@ -187,14 +204,20 @@ class PeakRSS:
     @property
     def extra(self): return max(self.peak - self.base, 0)
 
-def bench_inference(size, n, dev='cpu', ngf=64):
+def _inference(size, n, dev='cpu', ngf=64):
     from pix2pix_nb.generator import UnetGenerator
     G = UnetGenerator(3, 3, ngf=ngf, size=size).to(dev).eval()
     x = torch.rand(1, 3, size, size, device=dev) * 2 - 1
-    with torch.inference_mode():
-        G(x); sync(dev)
-        with PeakRSS(dev) as m: ts = time_steps(lambda i: G(x), n, 0, dev)
+    with torch.inference_mode(), PeakRSS(dev) as m: ts = time_steps(lambda i: G(x), n, 1, dev)
     return 1 / med(ts), m.peak, m.extra
+
+def bench_inference(size, n, dev='cpu', ngf=64):
+    "Images/s, peak memory and peak minus memory before the first call, measured in a fresh Python process."
+    code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench; "
+            f"print(json.dumps(bench._inference({size}, {n}, {dev!r}, {ngf})))")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    if r.returncode: raise RuntimeError(f'inference benchmark at {size} px failed: {r.stderr.strip().splitlines()[-1:]}')
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 # ---------------------------------------------------------------- data pipeline
 def bench_data(source, size, bs, n, num_workers=None):
@@ -313,12 +336,12 @@ def main(argv=None):
     # 3. variants (plain loop, paper recipe) + loss equivalence after W+N steps
     V = [('fp32 eager (baseline)', dict()), ('fp32 + channels_last', dict(channels_last=True)),
          ('fp32 + foreach Adam', dict(opt='foreach')), ('fp32 + fused Adam', dict(opt='fused')),
+         ('fp32 + channels_last + fused Adam', dict(channels_last=True, opt='fused')),
          ('bf16 autocast', dict(dtype=torch.bfloat16)), ('bf16 + channels_last', dict(dtype=torch.bfloat16, channels_last=True)),
          ('bf16 + channels_last + fused Adam', dict(dtype=torch.bfloat16, channels_last=True, opt='fused'))]
     vr, rows = {}, []
     nodrop = dict(paper, dropout=False) # dropout masks depend on memory layout: compare losses without them
-    for name, v in V:
-        ts, l = run_plain(nodrop, N, W, v, dev=dev)
+    for name, (ts, l) in run_plain_interleaved(nodrop, dict(V), N, W, dev=dev).items():
         vr[name] = dict(s=med(ts), losses=l)
         log(name, f'{med(ts)*1e3:.0f} ms')
     base = vr[V[0][0]]
@@ -327,7 +350,12 @@ def main(argv=None):
         r = vr[name]; r['speedup'] = base['s'] / r['s']; r['rel'] = max_rel_diff(r['losses'], base['losses']); r['tol'] = tol(name)
         rows.append([name, f"{r['s']*1e3:.0f}", f"{r['speedup']:.2f}x", f"{r['rel']:.1e}", f"{r['tol']:.0e}",
                      'yes' if r['rel'] <= r['tol'] else 'NO'])
-    # the same best settings through `fit`
+    # through `fit`: fused Adam (opt_func swapped on the Learner), and bf16 + channels_last via fit's own callbacks
+    tff, lff = run_fit(nodrop, N, W, dev=dev, fused=True)
+    vr['fit: fused Adam'] = dict(s=med(tff), speedup=base['s'] / med(tff), rel=max_rel_diff(lff, base['losses']), tol=0.01)
+    r = vr['fit: fused Adam']
+    rows.append(['`fit` + fused Adam (`opt_func` swapped)', f"{r['s']*1e3:.0f}", f"{r['speedup']:.2f}x", f"{r['rel']:.1e}", '1e-02',
+                 'yes' if r['rel'] <= r['tol'] else 'NO'])
     tfb, lfb = run_fit(nodrop, N, W, precision='bf16', channels_last=True, dev=dev)
     vr['fit: bf16 + channels_last'] = dict(s=med(tfb), speedup=base['s'] / med(tfb), rel=max_rel_diff(lfb, base['losses']), tol=0.05)
     r = vr['fit: bf16 + channels_last']
@@ -339,6 +367,8 @@ def main(argv=None):
     md += [f"\n### Faster settings vs fp32 eager plain loop ({S} px, bs 1, ngf/ndf {ngf})\n",
            f"Generator without dropout here (its masks are drawn in memory order, so channels_last would change them and the "
            "loss check would measure different noise, not arithmetic; dropout is a negligible share of the time). "
+           "The plain-loop variants are stepped round-robin (one step of each in turn), so a drift in machine speed hits all "
+           "alike; the `fit` rows run after them, one at a time. "
            f"Same initial weights, same {len(batches(8,1))} in-memory batches cycled, same seed. The loss check compares the four "
            f"losses (G_GAN, G_L1, D_real, D_fake) after {W+N} steps with the fp32 eager run: max relative difference, "
            "tolerance 1e-2 for fp32 variants (summation order only) and 5e-2 for bf16 (8-bit mantissa).\n",
@@ -360,8 +390,9 @@ def main(argv=None):
         log('inference', s, ir[s])
     res['inference'] = ir
     md += [f'\n### Inference (UnetGenerator ngf {ngf}, bs 1, eval + inference_mode, fp32)\n',
-           'Peak memory: resident set of the process sampled every 2 ms with psutil during the timed calls '
-           '(CUDA: `max_memory_allocated`); "extra" is the peak minus the resident set before the calls.\n',
+           'Each size runs in a fresh Python process. Peak memory: resident set of that process (torch, the model and '
+           'the activations) sampled every 2 ms with psutil (CUDA: `max_memory_allocated`); "extra" is the peak minus the '
+           'resident set once the model is built, i.e. what the forward passes add.\n',
            table(['size', 'images/s', 'peak RSS MiB', 'extra MiB'], rows)]
 
     # 5b. data pipeline vs consumption
