@@ -7,7 +7,7 @@ __all__ = ['FORMAT', 'IMG_EXTS', 'ModelFileError', 'export_generator', 'read_met
            'colorize', 'fid_available', 'write_report', 'evaluate', 'expand_inputs', 'colorize_files', 'colorize_cli',
            'pix2pix_colorize', 'upload_demo']
 
-# %% ../nbs/05_inference.ipynb #076fc7a0
+# %% ../nbs/05_inference.ipynb #ae942263
 import json, os, glob, tempfile, importlib, html, sys
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import pix2pix_nb
 from .data import load_rgb, image_files, denorm, to_pil, DataError
 
-# %% ../nbs/05_inference.ipynb #c2a26b6a
+# %% ../nbs/05_inference.ipynb #41b5002e
 class ModelFileError(ValueError):
     "A generator file that cannot be loaded (not ours, truncated, sidecar missing, architecture mismatch)"
 
@@ -59,7 +59,7 @@ def export_generator(learn_or_model, # fastai `Learner` (its `.model.G`), a modu
     _atomic_write(path.with_suffix('.json'), lambda t: t.write_text(info_json))
     return path
 
-# %% ../nbs/05_inference.ipynb #a0bbf0de
+# %% ../nbs/05_inference.ipynb #f2333dae
 def _resolve_arch(arch:str, fn) -> type:
     "Import `module:qualname`, allowing only classes of the pix2pix_nb package that are `nn.Module`s"
     mod, _, qual = str(arch).partition(':')
@@ -111,7 +111,7 @@ def load_generator(path, # `.safetensors` file written by `export_generator` (or
     model.meta = info
     return model.eval().to(device or 'cpu')
 
-# %% ../nbs/05_inference.ipynb #7754dc25
+# %% ../nbs/05_inference.ipynb #3af45e15
 def _to_pil(image) -> Image.Image:
     "Path, PIL image, numpy array (HW / HWC, uint8 or float in [0,1]) or tensor (CHW / HW, uint8 or float in [0,1]) -> RGB PIL"
     if isinstance(image, (str, Path, Image.Image)): return load_rgb(image)
@@ -153,7 +153,7 @@ def prepare(img:Image.Image, # RGB input
             x = F.pad(x, (0, dw, 0, dh), mode='reflect' if max(dh, dw) else 'replicate'); ph, pw = ph - dh, pw - dw
     return x, (nw, nh)
 
-# %% ../nbs/05_inference.ipynb #d4b8a78d
+# %% ../nbs/05_inference.ipynb #15c4c11c
 def _model_size(model) -> int:
     meta = getattr(model, 'meta', {}) or {}
     return int(meta.get('size') or model.hparams.get('size') or 256)
@@ -186,7 +186,7 @@ def colorize(model:nn.Module, # Generator (e.g. from `load_generator`)
                     outs[i] = to_pil(yi[:, :ch, :cw]).resize(imgs[i].size, Image.BICUBIC)
     return outs[0] if single else outs
 
-# %% ../nbs/05_inference.ipynb #02462889
+# %% ../nbs/05_inference.ipynb #00f72e5a
 def fid_available() -> tuple:
     "(True, '') when torchmetrics FID can run offline, else (False, reason)"
     try: import torch_fidelity  # noqa: F401
@@ -266,7 +266,7 @@ def evaluate(model:nn.Module, # Generator (e.g. from `load_generator`)
     if report is not None: res['report'] = str(write_report(report, {**res, 'source': str(dl.source), 'split': dl.split}, rows))
     return res
 
-# %% ../nbs/05_inference.ipynb #ccbc47af
+# %% ../nbs/05_inference.ipynb #8b91cab7
 IMG_EXTS = {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pbm'}
 
 def expand_inputs(inputs:list) -> tuple:
@@ -332,7 +332,7 @@ def pix2pix_colorize(argv:list=None, # Arguments (default: sys.argv[1:])
     kw = {k: v for k, v in vars(p.parse_args(args)).items() if k not in ('pdb', 'xtra')}
     return colorize_cli(**kw)
 
-# %% ../nbs/05_inference.ipynb #d652e8ce
+# %% ../nbs/05_inference.ipynb #7bf816ec
 def upload_demo(model:nn.Module, # Generator
                 size:int=None, # Short side fed to the net
                ):
