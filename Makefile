@@ -34,8 +34,9 @@ check-export: $(STAMP)
 check-clean: $(STAMP)
 	$(BIN)/python tools/unchanged.py nbs -- $(BIN)/nbdev_clean
 
+# Two notebooks at a time, one torch thread each (two 2-thread workers on 2 cores thrash: 15x slower).
 nbtest: $(STAMP)
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -47,9 +48,10 @@ test-slow: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 1 --flags slow --timing
 	$(BIN)/python -m pytest -q tests --runslow
 
+# clean first: nbdev_clean settles the cell ids that nbdev_export writes into the modules
 export: $(STAMP)
-	$(BIN)/nbdev_export
 	$(BIN)/nbdev_clean
+	$(BIN)/nbdev_export
 
 readme: $(STAMP)
 	$(BIN)/python tools/readme.py
