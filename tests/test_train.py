@@ -84,6 +84,7 @@ def test_nan_guard_stops_and_keeps_last_good(data, tmp_path):
     learn = make(data, ck, extra=[PoisonG()])
     with pytest.raises(NonFiniteLossError, match=r'non-finite loss .* at epoch 1, batch 1.*last good checkpoint kept'):
         learn.fit_linear_decay(3)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler # restored although fit raised
     c = read_checkpoint(ck)
     assert c['epoch'] == 1 and all(torch.isfinite(v).all() for v in c['nets']['G'].values() if v.is_floating_point())
 
@@ -108,3 +109,19 @@ def test_loading_never_unpickles_objects(tmp_path, data):
     learn = make(data, tmp_path/'ck.pt'); learn.create_opt(); save_checkpoint(learn, tmp_path/'ck.pt', 1)
     set_seed(0); other = pix2pix_learner(pix2pix_dls(data, size=32, bs=2, num_workers=0), TinyG(16), TinyD())
     with pytest.raises(CheckpointError, match="weights for 'G' do not fit"): load_checkpoint(other, tmp_path/'ck.pt')
+
+@pytest.mark.parametrize('precision', ['bf16', 'fp16'])
+def test_mixed_precision_trains_and_resumes(data, tmp_path, precision):
+    from pix2pix_nb.train import Precision
+    from fastai.callback.channelslast import ChannelsLast
+    ck = tmp_path/'ck.pt'
+    learn = make(data, ck, extra=[Precision(precision), ChannelsLast()]); w0 = state(learn)
+    seen = []
+    learn.add_cb(type('Spy', (Callback,), dict(after_batch=lambda self: seen.append(dict(self.learn.trainer.scalers)) if self.training else None))())
+    learn.fit_linear_decay(1, 1)
+    assert all(torch.isfinite(torch.tensor(v)).all() for row in learn.recorder.values for v in row)
+    assert not all(torch.equal(w0[k], v) for k, v in state(learn).items())
+    if precision == 'fp16': assert set(seen[0]) == {'G', 'D'} and seen[0]['G'] is not seen[0]['D']   # one GradScaler per optimiser
+    else: assert seen[0] == {}
+    assert learn.trainer.scalers == {} and not torch.is_autocast_enabled('cpu')   # cleaned up after fit
+    c = read_checkpoint(ck); assert set(c['scalers']) == ({'G', 'D'} if precision == 'fp16' else set())
