@@ -26,7 +26,7 @@ from .data import (DataError, DataNotFoundError, IMAGE_EXTS, load_rgb, image_fil
                              photo_to_sketch, denorm)
 from .generator import get_norm, init_weights, UnetGenerator
 from .patchgan import PatchDiscriminator
-from .train import (GANTrainer, MultiOptimizer, lsgan_loss, get_gan_loss, get_device, Precision, PRECISIONS,
+from .train import (GANTrainer, MultiOptimizer, adam, lsgan_loss, get_gan_loss, get_device, Precision, PRECISIONS,
     NanGuard, Checkpoint, EpochGrid, LossCurves, DistributedGAN, ddp_setup, ddp_cleanup, sync_batchnorm, is_main_process,
     inference_mode, read_checkpoint, tile, eval_pairs, mean_target, generator_predictor, _in_notebook, _cli_run)
 
@@ -384,6 +384,7 @@ def cyclegan_learner(dls, # `DataLoaders` of (A, B) batches in [-1, 1] (see `unp
                      pool_size:int=50, # Image-pool size
                      lr:float=2e-4, # Adam learning rate (both optimisers)
                      betas:tuple=(0.5, 0.999), # Adam betas
+                     fused:bool=True, # Fused Adam kernels (faster; see BENCHMARKS.md)
                      gan_loss='lsgan', # Adversarial loss
                      seed:int|None=None, # Seed of the image pools
                      cbs=None, # Extra callbacks (checkpoint, grids, precision, ...)
@@ -391,7 +392,7 @@ def cyclegan_learner(dls, # `DataLoaders` of (A, B) batches in [-1, 1] (see `unp
     "A fastai `Learner` training a `CycleGAN` (both G, then both D, every batch; two Adams)."
     trainer = CycleGANTrainer(lambda_a, lambda_b, lambda_idt, pool_size, gan_loss, seed)
     return Learner(dls, model, loss_func=nn.L1Loss(), lr=lr, splitter=cyclegan_splitter,
-                   opt_func=partial(MultiOptimizer, opt_func=partial(torch.optim.Adam, betas=tuple(betas))),
+                   opt_func=partial(MultiOptimizer, opt_func=adam(betas, fused)),
                    metrics=trainer.loss_metrics, cbs=[trainer] + L(cbs), **kwargs)
 
 # %% ../nbs/04_cyclegan.ipynb #06d83ba4
