@@ -30,7 +30,7 @@ __all__ = ['GAN_LOSSES', 'PRECISIONS', 'CKPT_FORMAT', 'PRESETS', 'get_device', '
            'Checkpoint', 'ResumeFrom', 'NonFiniteLossError', 'NanGuard', 'tile', 'default_panels', 'progression_sheet',
            'EpochGrid', 'plot_losses', 'LossCurves', 'ddp_setup', 'ddp_cleanup', 'sync_batchnorm', 'ShardDL',
            'average_grads', 'broadcast_state', 'average_buffers', 'DistributedGAN', 'pix2pix_learner', 'pix2pix_nets',
-           'l1_learner', 'compare_l1_gan', 'show_l1_gan', 'fit', 'eval_pairs', 'mean_target', 'generator_predictor',
+           'l1_learner', 'eval_pairs', 'mean_target', 'generator_predictor', 'compare_l1_gan', 'show_l1_gan', 'fit',
            'demo', 'pix2pix_train', 'pix2pix_demo']
 
 # %% ../nbs/03_training.ipynb #7950f489
@@ -700,6 +700,39 @@ def l1_learner(dls, G:nn.Module, lr:float=2e-4, betas:tuple=(0.5, 0.999), fused:
     "The regression baseline: the same generator trained with L1 alone (plain fastai `Learner`, same Adam)."
     return Learner(dls, G, loss_func=nn.L1Loss(), lr=lr, cbs=cbs, opt_func=partial(OptimWrapper, opt=adam(betas, fused)), **kwargs)
 
+# %% ../nbs/03_training.ipynb #7f6b4384
+def eval_pairs(predict, # Callable A -> prediction, both (bs, 3, H, W) in [-1, 1]
+               dl, # DataLoader of (A, B) pairs, e.g. `pair_dl(source, 'test')`
+              ) -> dict:
+    "Mean L1 (in [-1, 1] units) and mean PSNR (dB, images in [0, 1]) of `predict(A)` against B over `dl`."
+    l1, psnr, n = 0., 0., 0
+    with torch.no_grad():
+        for A, B in dl:
+            A, B = _plain(A), _plain(B).float()
+            P = _plain(predict(A)).float().to(B.device)
+            l1 += (P - B).abs().mean((1, 2, 3)).sum().item()
+            mse = (((P.clamp(-1, 1) - B) / 2) ** 2).mean((1, 2, 3)).clamp_min(1e-10)
+            psnr += (10 * torch.log10(1 / mse)).sum().item(); n += len(A)
+    if n == 0: raise ValueError("eval_pairs: the dataloader yielded no pairs")
+    return dict(l1=round(l1 / n, 5), psnr=round(psnr / n, 3), n=n)
+
+def mean_target(dl) -> torch.Tensor:
+    "Per-pixel mean of the targets B over `dl` (the mean-colour baseline's constant prediction)."
+    tot, n = None, 0
+    with torch.no_grad():
+        for _, B in dl:
+            B = _plain(B).float(); s = B.sum(0)
+            tot = s if tot is None else tot + s; n += len(B)
+    if n == 0: raise ValueError("mean_target: the dataloader yielded no pairs")
+    return tot / n
+
+def generator_predictor(G:nn.Module, dropout:bool=False):
+    "A `predict(A)` for `eval_pairs` running `G` in `inference_mode` on its own device."
+    dev = next(G.parameters()).device
+    def predict(A):
+        with inference_mode(G, dropout=dropout): return G(A.to(dev))
+    return predict
+
 # %% ../nbs/03_training.ipynb #78b59f2c
 def compare_l1_gan(dls, # Paired data
                    epochs:int=2, epochs_decay:int=1, # Schedule for both runs
@@ -727,8 +760,8 @@ def show_l1_gan(learn_l1, learn_gan, n:int=4, size:int=128):
 PRESETS = {
     # The paper's facades recipe (pix2pix, Isola et al. 2017): 256 px, batch 1, 100 epochs + 100 of decay.
     'paper': dict(size=256, bs=1, ngf=64, ndf=64, n_layers=3, epochs=200, epochs_decay=100, lr=2e-4),
-    # ~5 minutes on 2 CPU cores: 128 px (a 7-level U-Net), half-width nets, batch 4, 2 discriminator layers.
-    'cpu': dict(size=128, bs=4, ngf=32, ndf=32, n_layers=3, epochs=12, epochs_decay=6, lr=2e-4, num_workers=0),
+    # ~5 minutes on 2 CPU cores: 128 px (a 7-level U-Net), half-width nets, batch 4, the 70x70 PatchGAN.
+    'cpu': dict(size=128, bs=4, ngf=32, ndf=32, n_layers=3, epochs=14, epochs_decay=7, lr=2e-4, num_workers=0),
 }
 
 def _check_pos(**kw):
@@ -805,39 +838,6 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
         export_generator(learn, out / 'generator.safetensors', direction=direction, size=size, source=str(source),
                          epochs=epochs, test_dropout=test_dropout)
     return learn
-
-# %% ../nbs/03_training.ipynb #7f6b4384
-def eval_pairs(predict, # Callable A -> prediction, both (bs, 3, H, W) in [-1, 1]
-               dl, # DataLoader of (A, B) pairs, e.g. `pair_dl(source, 'test')`
-              ) -> dict:
-    "Mean L1 (in [-1, 1] units) and mean PSNR (dB, images in [0, 1]) of `predict(A)` against B over `dl`."
-    l1, psnr, n = 0., 0., 0
-    with torch.no_grad():
-        for A, B in dl:
-            A, B = _plain(A), _plain(B).float()
-            P = _plain(predict(A)).float().to(B.device)
-            l1 += (P - B).abs().mean((1, 2, 3)).sum().item()
-            mse = (((P.clamp(-1, 1) - B) / 2) ** 2).mean((1, 2, 3)).clamp_min(1e-10)
-            psnr += (10 * torch.log10(1 / mse)).sum().item(); n += len(A)
-    if n == 0: raise ValueError("eval_pairs: the dataloader yielded no pairs")
-    return dict(l1=round(l1 / n, 5), psnr=round(psnr / n, 3), n=n)
-
-def mean_target(dl) -> torch.Tensor:
-    "Per-pixel mean of the targets B over `dl` (the mean-colour baseline's constant prediction)."
-    tot, n = None, 0
-    with torch.no_grad():
-        for _, B in dl:
-            B = _plain(B).float(); s = B.sum(0)
-            tot = s if tot is None else tot + s; n += len(B)
-    if n == 0: raise ValueError("mean_target: the dataloader yielded no pairs")
-    return tot / n
-
-def generator_predictor(G:nn.Module, dropout:bool=False):
-    "A `predict(A)` for `eval_pairs` running `G` in `inference_mode` on its own device."
-    dev = next(G.parameters()).device
-    def predict(A):
-        with inference_mode(G, dropout=dropout): return G(A.to(dev))
-    return predict
 
 # %% ../nbs/03_training.ipynb #a6135537
 def demo(out='runs/demo', # Output folder
