@@ -26,7 +26,7 @@ from .data import (DataError, DataNotFoundError, IMAGE_EXTS, load_rgb, image_fil
                              photo_to_sketch, denorm)
 from .generator import get_norm, init_weights, UnetGenerator
 from .patchgan import PatchDiscriminator
-from .train import (GANTrainer, MultiOptimizer, adam, lsgan_loss, get_gan_loss, get_device, Precision, PRECISIONS,
+from .train import (GANTrainer, MultiOptimizer, adam, log_line, lsgan_loss, get_gan_loss, get_device, Precision, PRECISIONS,
     NanGuard, Checkpoint, EpochGrid, LossCurves, DistributedGAN, ddp_setup, ddp_cleanup, sync_batchnorm, is_main_process,
     inference_mode, read_checkpoint, tile, eval_pairs, mean_target, generator_predictor, _in_notebook, _cli_run)
 
@@ -451,12 +451,6 @@ def cyclegan_model(generator:str='resnet', # 'resnet' (CycleGAN's) or 'unet' (no
     return CycleGAN(G(), G(), D(), D())
 
 # %% ../nbs/04_cyclegan.ipynb #03e2857a
-def _log_line(learn, row):
-    "One line per epoch for terminals and logs: `epoch 3: train_loss=1.234 ... time=00:12`."
-    names = learn.recorder.metric_names
-    fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
-    print(f'epoch {getattr(learn, "epoch_offset", 0) + row[0]}: ' + ' '.join(f'{n}={fmt(v)}' for n, v in zip(names[1:], row[1:])), flush=True)
-
 def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ trainB/, or 'synthetic'
                  source_b=None, # Domain B folder (None: `source_a` is a root)
                  epochs:int=200, # Total epochs (constant lr, then linear decay)
@@ -514,7 +508,7 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
     if distributed: cb.append(DistributedGAN())
     learn = cyclegan_learner(dls, model, lambda_a, lambda_b, lambda_idt, pool_size, lr, gan_loss=gan_loss, cbs=cb + L(cbs))
     if not (progress and main):
-        learn.remove_cb(ProgressCallback); learn.logger = partial(_log_line, learn) if main else noop
+        learn.remove_cb(ProgressCallback); learn.logger = partial(log_line, learn) if main else noop
     if main:
         out.mkdir(parents=True, exist_ok=True)
         cfg = dict(model='cyclegan', source_a=str(source_a), source_b=None if source_b is None else str(source_b), valid=None if valid is None else str(valid),

@@ -30,8 +30,8 @@ __all__ = ['GAN_LOSSES', 'PRECISIONS', 'CKPT_FORMAT', 'PRESETS', 'get_device', '
            'Checkpoint', 'ResumeFrom', 'NonFiniteLossError', 'NanGuard', 'tile', 'default_panels', 'progression_sheet',
            'EpochGrid', 'plot_losses', 'LossCurves', 'ddp_setup', 'ddp_cleanup', 'sync_batchnorm', 'ShardDL',
            'average_grads', 'broadcast_state', 'average_buffers', 'DistributedGAN', 'pix2pix_learner', 'pix2pix_nets',
-           'l1_learner', 'eval_pairs', 'mean_target', 'generator_predictor', 'compare_l1_gan', 'show_l1_gan', 'fit',
-           'demo', 'pix2pix_train', 'pix2pix_demo']
+           'l1_learner', 'eval_pairs', 'mean_target', 'generator_predictor', 'compare_l1_gan', 'show_l1_gan',
+           'log_line', 'fit', 'demo', 'pix2pix_train', 'pix2pix_demo']
 
 # %% ../nbs/03_training.ipynb #7950f489
 def get_device(device=None, # 'cuda', 'cuda:1', 'mps', 'cpu', a `torch.device`, or None/'auto' to pick the best available
@@ -764,6 +764,12 @@ PRESETS = {
     'cpu': dict(size=128, bs=4, ngf=32, ndf=32, n_layers=3, epochs=14, epochs_decay=7, lr=2e-4, num_workers=0),
 }
 
+def log_line(learn, row):
+    "One line per epoch for terminals and logs (`fit(progress=False)`): `epoch 3: train_loss=0.3 ... time=00:12`."
+    names = learn.recorder.metric_names
+    fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
+    print(f'epoch {getattr(learn, "epoch_offset", 0) + row[0]}: ' + ' '.join(f'{n}={fmt(v)}' for n, v in zip(names[1:], row[1:])), flush=True)
+
 def _check_pos(**kw):
     for k, v in kw.items():
         if v is None or v < 1: raise ValueError(f"{k}={v!r}: must be a positive integer")
@@ -824,7 +830,7 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
         cb.append(ChannelsLast())
     if distributed: cb.append(DistributedGAN())
     learn = pix2pix_learner(dls, G, D, lambda_l1=lambda_l1, gan_loss=gan_loss, lr=lr, test_dropout=test_dropout, cbs=cb + L(cbs))
-    if not (progress and main): learn.remove_cb(ProgressCallback)
+    if not (progress and main): learn.remove_cb(ProgressCallback); learn.logger = partial(log_line, learn) if main else noop
     if main:
         out.mkdir(parents=True, exist_ok=True)
         cfg = dict(source=str(source), epochs=epochs, epochs_decay=epochs_decay, size=size, bs=bs, lr=lr, lambda_l1=lambda_l1,
