@@ -479,7 +479,7 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
                  seed:int=0, # Random seed (init, data order, pools)
                  load_size:int=None, # Jitter resize before the random crop (default size*286/256)
                  num_workers:int=0, # DataLoader workers
-                 progress:bool=True, # Show fastai's progress bar and table (else one line per epoch)
+                 progress:bool=True, # Show fastai's progress bar and table, and the grid widget in Jupyter (else one line per epoch)
                  export:bool=True, # Export both generators with `pix2pix_nb.inference.export_generator`
                  distributed:bool=None, # Data-parallel under torchrun (default: when WORLD_SIZE > 1)
                  cbs=None, # Extra callbacks
@@ -502,7 +502,7 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
     if distributed and dev.type == 'cuda': model = sync_batchnorm(model)
     main = is_main_process()
     cb = [NanGuard(), Checkpoint(out/'checkpoint.pt', every=save_every)]
-    if main: cb += cycle_grids(out, n=n_grid, size=min(size, 128), every=grid_every) + [LossCurves(out/'losses.png')]
+    if main: cb += cycle_grids(out, n=n_grid, size=min(size, 128), every=grid_every, widget=None if progress else False) + [LossCurves(out/'losses.png')]
     if precision != 'fp32': cb.append(Precision(precision))
     if channels_last: cb.append(ChannelsLast())
     if distributed: cb.append(DistributedGAN())

@@ -799,7 +799,7 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
         seed:int=0, # Random seed (data split, init, dropout)
         load_size:int=None, # Jitter resize before the random crop (default size*286/256)
         num_workers:int=None, # DataLoader workers (default: up to 2 on Linux)
-        progress:bool=True, # Show fastai's progress bar and table
+        progress:bool=True, # Show fastai's progress bar and table, and the grid widget in Jupyter (else one line per epoch)
         export:bool=True, # Export the generator with `pix2pix_nb.inference.export_generator`
         distributed:bool=None, # Data-parallel under torchrun (default: when WORLD_SIZE > 1)
         cbs=None, # Extra callbacks
@@ -823,7 +823,7 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
     if distributed and dev.type == 'cuda': G, D = sync_batchnorm(G), sync_batchnorm(D)
     main = is_main_process()
     cb = [NanGuard(), Checkpoint(out / 'checkpoint.pt', every=save_every)]
-    if main: cb += [EpochGrid(n_grid, out, every=grid_every), LossCurves(out / 'losses.png')]
+    if main: cb += [EpochGrid(n_grid, out, every=grid_every, widget=None if progress else False), LossCurves(out / 'losses.png')]
     if precision != 'fp32': cb.append(Precision(precision))
     if channels_last:
         from fastai.callback.channelslast import ChannelsLast
