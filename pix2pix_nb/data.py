@@ -21,11 +21,11 @@ from fastai.vision.augment import RandTransform
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'SPLITS', 'Pair', 'CMP_CLASSES', 'CMP_COLORS', 'MATERIALS', 'SYNTH_VERSION', 'FACADES_URL',
-           'FACADES_COUNTS', 'DataError', 'DataNotFoundError', 'load_rgb', 'image_files', 'image_size', 'split_ab',
-           'find_pairs', 'load_pair', 'PairGetter', 'cmp_palette', 'facade_spec', 'render_facade', 'synthetic_triple',
-           'synthetic_facades', 'data_home', 'synthetic_path', 'PairJitter', 'ToMinusOneOne', 'PairImageBlock',
-           'denorm', 'to_pil', 'photo_to_sketch', 'sketch_dataset', 'pair_block', 'pix2pix_dls', 'pair_dl',
-           'UnsafeArchiveError', 'safe_extract', 'get_facades']
+           'FACADES_COUNTS', 'DataError', 'DataNotFoundError', 'load_rgb', 'image_files', 'plain_file_mode',
+           'image_size', 'split_ab', 'find_pairs', 'load_pair', 'PairGetter', 'cmp_palette', 'facade_spec',
+           'render_facade', 'synthetic_triple', 'synthetic_facades', 'data_home', 'synthetic_path', 'PairJitter',
+           'ToMinusOneOne', 'PairImageBlock', 'denorm', 'to_pil', 'photo_to_sketch', 'sketch_dataset', 'pair_block',
+           'pix2pix_dls', 'pair_dl', 'UnsafeArchiveError', 'safe_extract', 'get_facades']
 
 # %% ../nbs/00_data.ipynb #a73e5a92
 class DataError(ValueError):
@@ -71,6 +71,11 @@ def image_files(folder, # Folder to list (not recursive)
     if not folder.is_dir(): raise DataNotFoundError(f'folder not found: {folder}')
     fs = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith('.')]
     return sorted(fs, key=lambda f: (0, int(f.stem), '') if f.stem.isdigit() else (1, 0, f.stem))
+
+def plain_file_mode(path):
+    "Give a file created by `tempfile.mkstemp` (mode 0600) the mode `open(path, 'w')` would: 0666 minus the umask."
+    mask = os.umask(0); os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 def image_size(fn) -> tuple:
     "(width, height) of image file `fn` from its header only (cheap); `DataError` naming `fn` if it is not an image"

@@ -16,7 +16,7 @@ from fastcore.script import anno_parser, Param
 from safetensors import safe_open, SafetensorError
 from safetensors.torch import save_file
 import pix2pix_nb
-from .data import load_rgb, image_files, denorm, to_pil, DataError
+from .data import load_rgb, image_files, denorm, to_pil, DataError, plain_file_mode
 
 # %% ../nbs/05_inference.ipynb #41b5002e
 class ModelFileError(ValueError):
@@ -36,7 +36,7 @@ def _atomic_write(path:Path, write):
     "Call `write(tmp_path)` then rename onto `path`: readers never see a half-written file"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
-    try: write(Path(tmp)); os.replace(tmp, path)
+    try: write(Path(tmp)); plain_file_mode(tmp); os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 

@@ -291,7 +291,8 @@ def atomic_save(obj, path) -> Path:
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from pix2pix_nb.data import plain_file_mode
+        plain_file_mode(tmp); os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError): os.unlink(tmp)
         raise

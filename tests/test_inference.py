@@ -164,3 +164,17 @@ def test_cli_bad_model_and_missing_inputs(model_file, tmp_path):
     assert r.returncode == 2 and 'sidecar' in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = cli(fn, tmp_path/'nothing.png', '-o', tmp_path/'o', '--quiet')
     assert r.returncode == 1 and 'nothing.png: not found' in r.stderr
+
+def test_written_files_get_plain_permissions(model_file, tmp_path):
+    "Atomic writes go through mkstemp (0600); what lands must have the mode a plain open() gives (0666 - umask)."
+    import os
+    from pix2pix_nb.inference import colorize_files
+    fn, g = model_file
+    old = os.umask(0o022)
+    try:
+        out = export_generator(g, tmp_path/'e.safetensors')
+        sketch().save(tmp_path/'s.png')
+        written, _, failed = colorize_files(load_generator(out), [tmp_path/'s.png'], tmp_path/'col', progress=False)
+    finally: os.umask(old)
+    assert not failed and len(written) == 1
+    for f in [out, out.with_suffix('.json'), *map(Path, written)]: assert f.stat().st_mode & 0o777 == 0o644, f

@@ -125,3 +125,9 @@ def test_mixed_precision_trains_and_resumes(data, tmp_path, precision):
     else: assert seen[0] == {}
     assert learn.trainer.scalers == {} and not torch.is_autocast_enabled('cpu')   # cleaned up after fit
     c = read_checkpoint(ck); assert set(c['scalers']) == ({'G', 'D'} if precision == 'fp16' else set())
+
+def test_atomic_save_gives_plain_permissions(tmp_path):
+    old = os.umask(0o027)
+    try: p = atomic_save({'format': CKPT_FORMAT, 'x': torch.ones(1)}, tmp_path/'m.pt')
+    finally: os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o640
