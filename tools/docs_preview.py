@@ -476,6 +476,8 @@ def render(sources, title='pix2pix_nb'):
     res = []
     for page, rel, pnb, probs in pages:
         node = nbformat.from_dict(pnb)
+        from nbformat.v4.rwbase import rejoin_lines
+        node = rejoin_lines(node)   # multi-line strings stored as lists (the on-disk format) -> one string, as nbformat.reads does
         body, _ = exporter.from_notebook_node(node, resources={'metadata': {'name': titles[rel], 'path': str(page.parent)}})
         up = '../' * (len(rel.parts) - 1)
         nav = ''.join(f'<a href="{up}{r.as_posix()}"{" class=active" if r == rel else ""}>{titles[r]}</a>' for r in titles)
