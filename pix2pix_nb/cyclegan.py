@@ -15,7 +15,6 @@ from PIL import Image
 from fastcore.basics import noop
 from fastcore.foundation import L
 from fastcore.script import call_parse
-from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
@@ -26,7 +25,7 @@ from .data import (DataError, DataNotFoundError, IMAGE_EXTS, load_rgb, image_fil
                              photo_to_sketch, denorm)
 from .generator import get_norm, init_weights, UnetGenerator
 from .patchgan import PatchDiscriminator
-from .train import (GANTrainer, MultiOptimizer, adam, log_line, lsgan_loss, get_gan_loss, get_device, Precision, PRECISIONS,
+from .train import (GANTrainer, MultiOptimizer, adam, log_line, resolve_precision, precision_callbacks, lsgan_loss, get_gan_loss, get_device, Precision, PRECISIONS,
     NanGuard, Checkpoint, EpochGrid, LossCurves, DistributedGAN, ddp_setup, ddp_cleanup, sync_batchnorm, is_main_process,
     inference_mode, read_checkpoint, tile, eval_pairs, mean_target, generator_predictor, _in_notebook, _cli_run)
 
@@ -472,8 +471,8 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
                  save_every:int=5, # Checkpoint every N epochs (and at the end)
                  resume=None, # Checkpoint to continue from (True: `out`/checkpoint.pt)
                  device=None, # 'cuda', 'mps', 'cpu' or None for the best available
-                 precision:str='fp32', # 'fp32', 'bf16' or 'fp16'
-                 channels_last:bool=False, # channels_last memory format (faster convolutions on recent GPUs)
+                 precision:str='auto', # 'auto' (bf16 where it is faster, see `fast_bf16`, else fp32), 'fp32', 'bf16' or 'fp16'
+                 channels_last:bool=None, # channels_last memory format (None: with 'auto' bf16)
                  n_grid:int=4, # Validation samples in the epoch grids
                  grid_every:int=1, # Epoch grids every N epochs
                  seed:int=0, # Random seed (init, data order, pools)
@@ -489,11 +488,11 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
         if v is None or v < 1: raise ValueError(f'{k}={v!r}: must be a positive integer')
     epochs_decay = epochs // 2 if epochs_decay is None else epochs_decay
     if not 0 <= epochs_decay <= epochs: raise ValueError(f'epochs_decay={epochs_decay}: must be between 0 and epochs={epochs}')
-    if precision not in PRECISIONS: raise ValueError(f'precision={precision!r}: expected one of {list(PRECISIONS)}')
     gan_loss = get_gan_loss(gan_loss)
     distributed = int(os.environ.get('WORLD_SIZE', 1)) > 1 if distributed is None else distributed
     if distributed: ddp_setup()
     dev, out = get_device(device), Path(out)
+    precision, channels_last = resolve_precision(precision, channels_last, dev)
     if resume is True: resume = out/'checkpoint.pt'
     set_seed(seed)
     dls = unpaired_dls(source_a, source_b, size=size, bs=bs, load_size=load_size, valid=valid, n_valid=n_grid,
@@ -503,8 +502,7 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
     main = is_main_process()
     cb = [NanGuard(), Checkpoint(out/'checkpoint.pt', every=save_every)]
     if main: cb += cycle_grids(out, n=n_grid, size=min(size, 128), every=grid_every, widget=None if progress else False) + [LossCurves(out/'losses.png')]
-    if precision != 'fp32': cb.append(Precision(precision))
-    if channels_last: cb.append(ChannelsLast())
+    cb += precision_callbacks(precision, channels_last)
     if distributed: cb.append(DistributedGAN())
     learn = cyclegan_learner(dls, model, lambda_a, lambda_b, lambda_idt, pool_size, lr, gan_loss=gan_loss, cbs=cb + L(cbs))
     if not (progress and main):
@@ -515,7 +513,7 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
                    epochs=epochs, epochs_decay=epochs_decay, size=size, bs=bs, lr=lr, lambda_a=lambda_a, lambda_b=lambda_b,
                    lambda_idt=lambda_idt, pool_size=pool_size, gan_loss=getattr(gan_loss, '__name__', str(gan_loss)),
                    generator=generator, ngf=ngf, ndf=ndf, n_blocks=model.G_A.hparams.get('n_blocks'), n_layers=n_layers,
-                   norm=norm, precision=precision, seed=seed, device=str(dev),
+                   norm=norm, precision=precision, channels_last=channels_last, seed=seed, device=str(dev),
                    world_size=dist.get_world_size() if distributed else 1, resume=str(resume) if resume else None)
         (out/'config.json').write_text(json.dumps(cfg, indent=1))
     try: learn.fit_linear_decay(epochs - epochs_decay, epochs_decay, lr=lr, resume=resume)
@@ -565,8 +563,8 @@ def pix2pix_cyclegan(
     save_every:int=5, # Checkpoint every N epochs
     resume:str=None, # Checkpoint to continue from ('last': OUT/checkpoint.pt)
     device:str=None, # 'cuda', 'mps' or 'cpu' (default: best available)
-    precision:str='fp32', # 'fp32', 'bf16' or 'fp16'
-    channels_last:bool=False, # channels_last memory format
+    precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
+    channels_last:bool=False, # Force channels_last memory format (else: with 'auto' bf16)
     n_grid:int=4, # Samples in the epoch grids
     grid_every:int=1, # Epoch grid every N epochs
     seed:int=0, # Random seed
@@ -579,5 +577,5 @@ def pix2pix_cyclegan(
              epochs_decay=epochs_decay, size=size, bs=bs, lr=lr, lambda_a=lambda_a, lambda_b=lambda_b, lambda_idt=lambda_idt,
              pool_size=pool_size, gan_loss=gan_loss, generator=generator, ngf=ngf, ndf=ndf, n_blocks=n_blocks,
              n_layers=n_layers, norm=norm, save_every=save_every, resume=True if resume == 'last' else resume,
-             device=device, precision=precision, channels_last=channels_last, n_grid=n_grid, grid_every=grid_every,
+             device=device, precision=precision, channels_last=True if channels_last else None, n_grid=n_grid, grid_every=grid_every,
              seed=seed, num_workers=num_workers, export=not no_export, progress=not no_progress)

@@ -25,13 +25,14 @@ from fastai.optimizer import OptimWrapper
 # %% auto #0
 __all__ = ['GAN_LOSSES', 'PRECISIONS', 'CKPT_FORMAT', 'PRESETS', 'get_device', 'vanilla_gan_loss', 'lsgan_loss', 'get_gan_loss',
            'nets_splitter', 'adam', 'MultiOptimizer', 'TrainerLoss', 'GANTrainer', 'set_dropout', 'inference_mode',
-           'Pix2Pix', 'Pix2PixTrainer', 'linear_decay', 'LinearDecayLR', 'Precision', 'CheckpointError', 'atomic_save',
-           'rng_state', 'set_rng_state', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'is_main_process',
-           'Checkpoint', 'ResumeFrom', 'NonFiniteLossError', 'NanGuard', 'tile', 'default_panels', 'progression_sheet',
-           'EpochGrid', 'plot_losses', 'LossCurves', 'ddp_setup', 'ddp_cleanup', 'sync_batchnorm', 'ShardDL',
-           'average_grads', 'broadcast_state', 'average_buffers', 'DistributedGAN', 'pix2pix_learner', 'pix2pix_nets',
-           'l1_learner', 'eval_pairs', 'mean_target', 'generator_predictor', 'compare_l1_gan', 'show_l1_gan',
-           'log_line', 'fit', 'demo', 'pix2pix_train', 'pix2pix_demo']
+           'Pix2Pix', 'Pix2PixTrainer', 'linear_decay', 'LinearDecayLR', 'Precision', 'ChannelsLast', 'fast_bf16',
+           'resolve_precision', 'precision_callbacks', 'CheckpointError', 'atomic_save', 'rng_state', 'set_rng_state',
+           'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'is_main_process', 'Checkpoint', 'ResumeFrom',
+           'NonFiniteLossError', 'NanGuard', 'tile', 'default_panels', 'progression_sheet', 'EpochGrid', 'plot_losses',
+           'LossCurves', 'ddp_setup', 'ddp_cleanup', 'sync_batchnorm', 'ShardDL', 'average_grads', 'broadcast_state',
+           'average_buffers', 'DistributedGAN', 'pix2pix_learner', 'pix2pix_nets', 'l1_learner', 'eval_pairs',
+           'mean_target', 'generator_predictor', 'compare_l1_gan', 'show_l1_gan', 'log_line', 'fit', 'demo',
+           'pix2pix_train', 'pix2pix_demo']
 
 # %% ../nbs/03_training.ipynb #7950f489
 def get_device(device=None, # 'cuda', 'cuda:1', 'mps', 'cpu', a `torch.device`, or None/'auto' to pick the best available
@@ -277,6 +278,35 @@ class Precision(Callback):
         self._exit()
         if getattr(self, "learn", None) is not None: self.learn.trainer.autocast, self.learn.trainer.scalers = contextlib.nullcontext, {}
     def after_fit(self): self.cleanup()
+
+# %% ../nbs/03_training.ipynb #b3684c53
+class ChannelsLast(Callback):
+    "channels_last memory format for the model and for every batch (inputs and targets)."
+    order = -1
+    def before_fit(self): self.learn.model.to(memory_format=torch.channels_last)
+    def before_batch(self):
+        cl = lambda t: t.contiguous(memory_format=torch.channels_last) if isinstance(t, torch.Tensor) and t.dim() == 4 else t
+        self.learn.xb, self.learn.yb = tuple(map(cl, self.xb)), tuple(map(cl, self.yb))
+
+def fast_bf16(device) -> bool:
+    "Does `device` run bf16 convolutions faster than fp32? A CPU with AMX tiles, or a CUDA GPU with bf16 support."
+    dev = torch.device(device)
+    if dev.type == 'cuda': return torch.cuda.is_bf16_supported()
+    if dev.type == 'cpu': return bool(getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)())
+    return False
+
+def resolve_precision(precision:str, # 'auto', 'fp32', 'bf16' or 'fp16'
+                      channels_last:bool, # True/False, or None: on exactly when 'auto' picks bf16
+                      device) -> tuple:
+    "The `(precision, channels_last)` a run uses on `device`; 'auto' is bf16 + channels_last where `fast_bf16`, else fp32."
+    if precision != 'auto' and precision not in PRECISIONS: raise ValueError(f"precision={precision!r}: expected 'auto' or one of {list(PRECISIONS)}")
+    auto = precision == 'auto' and fast_bf16(device)
+    if precision == 'auto': precision = 'bf16' if auto else 'fp32'
+    return precision, (auto if channels_last is None else bool(channels_last))
+
+def precision_callbacks(precision:str, channels_last:bool) -> list:
+    "The callbacks of a resolved `(precision, channels_last)`: `Precision` unless fp32, `ChannelsLast` if asked."
+    return ([Precision(precision)] if precision != 'fp32' else []) + ([ChannelsLast()] if channels_last else [])
 
 # %% ../nbs/03_training.ipynb #b546fde2
 CKPT_FORMAT = 'pix2pix_nb.checkpoint/1'
@@ -793,8 +823,8 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
         save_every:int=5, # Checkpoint every N epochs (and at the end)
         resume=None, # Checkpoint to continue from (True: out/checkpoint.pt)
         device=None, # 'cuda', 'mps', 'cpu' or None for the best available
-        precision:str='fp32', # 'fp32', 'bf16' or 'fp16' (autocast; fp16 adds a GradScaler per optimiser)
-        channels_last:bool=False, # channels_last memory format (faster convolutions on recent GPUs)
+        precision:str='auto', # 'auto' (bf16 where it is faster, see `fast_bf16`, else fp32), 'fp32', 'bf16' or 'fp16' (fp16 adds a GradScaler per optimiser)
+        channels_last:bool=None, # channels_last memory format (None: with 'auto' bf16)
         n_grid:int=4, # Validation samples in the epoch grids
         grid_every:int=1, # Epoch grid every N epochs
         seed:int=0, # Random seed (data split, init, dropout)
@@ -811,11 +841,11 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
     _check_pos(epochs=epochs, size=size, bs=bs, save_every=save_every, grid_every=grid_every)
     epochs_decay = epochs // 2 if epochs_decay is None else epochs_decay
     if not 0 <= epochs_decay <= epochs: raise ValueError(f"epochs_decay={epochs_decay}: must be between 0 and epochs={epochs}")
-    if precision not in PRECISIONS: raise ValueError(f"precision={precision!r}: expected one of {list(PRECISIONS)}")
     gan_loss = get_gan_loss(gan_loss)
     distributed = int(os.environ.get('WORLD_SIZE', 1)) > 1 if distributed is None else distributed
     if distributed: ddp_setup()
     dev = get_device(device)
+    precision, channels_last = resolve_precision(precision, channels_last, dev)
     out = Path(out)
     if resume is True: resume = out / 'checkpoint.pt'
     set_seed(seed)
@@ -825,10 +855,7 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
     main = is_main_process()
     cb = [NanGuard(), Checkpoint(out / 'checkpoint.pt', every=save_every)]
     if main: cb += [EpochGrid(n_grid, out, every=grid_every, widget=None if progress else False), LossCurves(out / 'losses.png')]
-    if precision != 'fp32': cb.append(Precision(precision))
-    if channels_last:
-        from fastai.callback.channelslast import ChannelsLast
-        cb.append(ChannelsLast())
+    cb += precision_callbacks(precision, channels_last)
     if distributed: cb.append(DistributedGAN())
     learn = pix2pix_learner(dls, G, D, lambda_l1=lambda_l1, gan_loss=gan_loss, lr=lr, test_dropout=test_dropout, cbs=cb + L(cbs))
     if not (progress and main): learn.remove_cb(ProgressCallback); learn.logger = partial(log_line, learn) if main else noop
@@ -836,7 +863,7 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
         out.mkdir(parents=True, exist_ok=True)
         cfg = dict(source=str(source), epochs=epochs, epochs_decay=epochs_decay, size=size, bs=bs, lr=lr, lambda_l1=lambda_l1,
                    gan_loss=getattr(gan_loss, '__name__', str(gan_loss)), direction=direction, ngf=ngf, ndf=ndf, n_layers=n_layers,
-                   norm=norm, dropout=dropout, test_dropout=test_dropout, precision=precision, seed=seed, device=str(dev),
+                   norm=norm, dropout=dropout, test_dropout=test_dropout, precision=precision, channels_last=channels_last, seed=seed, device=str(dev),
                    world_size=dist.get_world_size() if distributed else 1, resume=str(resume) if resume else None)
         (out / 'config.json').write_text(json.dumps(cfg, indent=1))
     learn.fit_linear_decay(epochs - epochs_decay, epochs_decay, lr=lr, resume=resume)
@@ -926,8 +953,8 @@ def pix2pix_train(source:str='synthetic', # 'synthetic', a folder in pix2pix AB 
                   save_every:int=5, # Checkpoint every N epochs
                   resume:str=None, # Checkpoint to continue from ('last': OUT/checkpoint.pt)
                   device:str=None, # 'cuda', 'mps' or 'cpu' (default: best available)
-                  precision:str='fp32', # 'fp32', 'bf16' or 'fp16'
-                  channels_last:bool=False, # channels_last memory format
+                  precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
+                  channels_last:bool=False, # Force channels_last memory format (else: with 'auto' bf16)
                   seed:int=0, # Random seed
                   num_workers:int=None, # DataLoader workers
                   no_export:bool=False, # Do not export the generator
@@ -939,7 +966,7 @@ def pix2pix_train(source:str='synthetic', # 'synthetic', a folder in pix2pix AB 
     if epochs is not None and epochs_decay is None: cfg.pop('epochs_decay', None) # fit's default: half of epochs
     _cli_run('pix2pix_train', fit, source, out=out, lambda_l1=lambda_l1, gan_loss=gan_loss, direction=direction, norm=norm, dropout=not no_dropout,
         test_dropout=test_dropout, save_every=save_every, resume=True if resume == 'last' else resume, device=device,
-        precision=precision, channels_last=channels_last, seed=seed, num_workers=num_workers, export=not no_export, **cfg)
+        precision=precision, channels_last=True if channels_last else None, seed=seed, num_workers=num_workers, export=not no_export, **cfg)
 
 @call_parse
 def pix2pix_demo(out:str='runs/demo', # Output folder

@@ -113,7 +113,7 @@ def test_loading_never_unpickles_objects(tmp_path, data):
 @pytest.mark.parametrize('precision', ['bf16', 'fp16'])
 def test_mixed_precision_trains_and_resumes(data, tmp_path, precision):
     from pix2pix_nb.train import Precision
-    from fastai.callback.channelslast import ChannelsLast
+    from pix2pix_nb.train import ChannelsLast
     ck = tmp_path/'ck.pt'
     learn = make(data, ck, extra=[Precision(precision), ChannelsLast()]); w0 = state(learn)
     seen = []
@@ -131,3 +131,15 @@ def test_atomic_save_gives_plain_permissions(tmp_path):
     try: p = atomic_save({'format': CKPT_FORMAT, 'x': torch.ones(1)}, tmp_path/'m.pt')
     finally: os.umask(old)
     assert p.stat().st_mode & 0o777 == 0o640
+
+def test_auto_precision_is_resolved_and_recorded(tmp_path, data):
+    "fit's default precision='auto' picks per device (bf16 + channels_last on AMX CPUs, else fp32) and says which in config.json."
+    import json
+    from pix2pix_nb.train import fit, resolve_precision
+    learn = fit(data, epochs=1, size=32, bs=2, ngf=8, ndf=8, n_layers=2, out=tmp_path, progress=False, export=False, num_workers=0)
+    cfg = json.loads((tmp_path/'config.json').read_text())
+    want = resolve_precision('auto', None, 'cpu')
+    assert (cfg['precision'], cfg['channels_last']) == want
+    names = {type(c).__name__ for c in learn.cbs}
+    assert ('Precision' in names) == (want[0] == 'bf16') and ('ChannelsLast' in names) == want[1]
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in learn.recorder.values[-1][:-1])
