@@ -568,7 +568,8 @@ const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => (i
 const errs = [...document.querySelectorAll('[data-mime-type="application/vnd.jupyter.stderr"]')]
   .filter(e => /Traceback \(most recent call last\)|^\w+(Error|Exception)\b.*$/m.test(e.innerText) && /Traceback|Error:/.test(e.innerText))
   .map(e => e.innerText.trim().split('\n').slice(-1)[0].slice(0, 160));
-const grid = document.querySelector('.celltag_preview-epoch-grid');
+const grids = [...document.querySelectorAll('.celltag_preview-epoch-grid')];
+const grid = grids.find(g => g.querySelector('img')) || grids[0];   // the first one that shows a picture
 const links = [...new Set([...document.querySelectorAll('a[href]')].map(a => a.href.split('#')[0])
   .filter(u => u.startsWith(location.origin) && u !== location.href.split('#')[0]))];
 const dead = (await Promise.all(links.map(u => fetch(u, {method: 'HEAD'}).then(r => r.ok ? null : u).catch(() => u))))
