@@ -25,9 +25,9 @@ from .data import (DataError, DataNotFoundError, IMAGE_EXTS, load_rgb, image_fil
                              photo_to_sketch, denorm)
 from .generator import get_norm, init_weights, UnetGenerator
 from .patchgan import PatchDiscriminator
-from .train import (GANTrainer, MultiOptimizer, adam, log_line, resolve_precision, precision_callbacks, lsgan_loss, get_gan_loss, get_device, Precision, PRECISIONS,
+from .train import (GANTrainer, MultiOptimizer, adam, log_line, resolve_precision, precision_callbacks, lsgan_loss, get_gan_loss, get_device,
     NanGuard, Checkpoint, EpochGrid, LossCurves, DistributedGAN, ddp_setup, ddp_cleanup, sync_batchnorm, is_main_process,
-    inference_mode, read_checkpoint, tile, eval_pairs, mean_target, generator_predictor, _in_notebook, _cli_run)
+    inference_mode, read_checkpoint, tile, eval_pairs, mean_target, generator_predictor, _in_notebook, _cli_run, _check_pos)
 
 # %% auto #0
 __all__ = ['GENERATORS', 'NORMS', 'domain_files', 'ab_side', 'unpaired_split', 'synthetic_unpaired', 'facades_unpaired',
@@ -484,8 +484,7 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
                  cbs=None, # Extra callbacks
                 ) -> Learner:
     "Train CycleGAN on two unpaired image sets and return the `Learner` (`learn.model.G_A`: A → B)."
-    for k, v in dict(epochs=epochs, size=size, bs=bs, save_every=save_every, grid_every=grid_every, n_grid=n_grid).items():
-        if v is None or v < 1: raise ValueError(f'{k}={v!r}: must be a positive integer')
+    _check_pos(epochs=epochs, size=size, bs=bs, save_every=save_every, grid_every=grid_every, n_grid=n_grid)
     epochs_decay = epochs // 2 if epochs_decay is None else epochs_decay
     if not 0 <= epochs_decay <= epochs: raise ValueError(f'epochs_decay={epochs_decay}: must be between 0 and epochs={epochs}')
     gan_loss = get_gan_loss(gan_loss)

@@ -21,6 +21,7 @@ from fastai.callback.core import Callback, CancelBatchException, CancelFitExcept
 from fastai.callback.schedule import ParamScheduler, SchedLin, SchedNo, combine_scheds
 from fastai.callback.progress import ProgressCallback
 from fastai.optimizer import OptimWrapper
+from .data import plain_file_mode
 
 # %% auto #0
 __all__ = ['GAN_LOSSES', 'PRECISIONS', 'CKPT_FORMAT', 'PRESETS', 'get_device', 'vanilla_gan_loss', 'lsgan_loss', 'get_gan_loss',
@@ -321,7 +322,6 @@ def atomic_save(obj, path) -> Path:
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        from pix2pix_nb.data import plain_file_mode
         plain_file_mode(tmp); os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError): os.unlink(tmp)
