@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Real CMP facades for development and CI: the project's data-location setting (read by pix2pix_nb.data.find_facades)
+# points at ../shared/data when this checkout sits next to one; users set it themselves or run get_facades().
+ifneq ($(wildcard ../shared/data/facades/train),)
+export PIX2PIX_DATA ?= $(abspath ../shared/data)
+endif
 
 .PHONY: help install demo test test-fast test-slow export check-export check-clean nbtest pytest readme clean-nbs bench docs-preview
 

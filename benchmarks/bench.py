@@ -151,12 +151,13 @@ class MemDL:
 
 def run_fit(cfg, n, warmup, precision='fp32', channels_last=False, dev='cpu', seed=0, fused=False):
     """Steps through what `pix2pix_nb.train.fit` builds: `pix2pix_learner` (Learner + `Pix2PixTrainer`) with `fit`'s
-    per-batch callbacks (NanGuard, Checkpoint, Precision, ChannelsLast, LinearDecayLR via `fit_linear_decay`); the
+    per-batch callbacks (NanGuard, Checkpoint, TrainerPrecision, ChannelsLastBatches, LinearDecayLR via `fit_linear_decay`); the
     time of each training batch is the interval between consecutive `after_batch` events."""
     from fastai.data.core import DataLoaders
     from fastai.callback.core import Callback
     from fastai.callback.progress import ProgressCallback
-    from pix2pix_nb.train import pix2pix_learner, NanGuard, Checkpoint, Precision
+    from pix2pix_nb.gan import pix2pix_learner
+    from pix2pix_nb.callbacks import NanGuard, Checkpoint
     G, D = pix2pix_nets(cfg['size'], cfg['ngf'], cfg['ndf'], dropout=cfg.get('dropout', True), seed=seed)
     bs = batches(cfg['size'], cfg['bs'], dev=dev)
     dls = DataLoaders(MemDL(bs, warmup + n), MemDL(bs[:1], 1), device=torch.device(dev))
@@ -168,7 +169,7 @@ def run_fit(cfg, n, warmup, precision='fp32', channels_last=False, dev='cpu', se
             if self.training: sync(dev); stamps.append(time.perf_counter())
     tmp = tempfile.mkdtemp(prefix='bench_fit_')
     cbs = [NanGuard(), Checkpoint(Path(tmp)/'checkpoint.pt', every=10**6), StepTimer()]
-    from pix2pix_nb.train import precision_callbacks
+    from pix2pix_nb.callbacks import precision_callbacks
     cbs += precision_callbacks(precision, channels_last)   # what `fit` adds for a resolved (precision, channels_last)
     # fused=True is `fit`'s default; the fit-vs-plain rows use torch's default Adam on both sides (like for like)
     learn = pix2pix_learner(dls, G.to(dev), D.to(dev), cbs=cbs, fused=fused)
@@ -233,7 +234,7 @@ def bench_data(source, size, bs, n, num_workers=None):
 # ---------------------------------------------------------------- CycleGAN (plain loop of the reference update)
 def run_cyclegan(size, n_blocks, n, warmup, dev='cpu', ngf=64, ndf=64):
     "One CycleGAN step (LSGAN, cycle λ=10, identity 0.5, no image pool): both G with D frozen, then both D."
-    from pix2pix_nb.cyclegan import ResnetGenerator
+    from pix2pix_nb.generator import ResnetGenerator
     from pix2pix_nb.generator import init_weights
     from pix2pix_nb.patchgan import PatchDiscriminator
     torch.manual_seed(0)

@@ -4,37 +4,34 @@
 
 # %% ../nbs/04_cyclegan.ipynb #af17960c
 from __future__ import annotations
+from .core import *
 import os, json, math, random, shutil
 from functools import partial
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
-import torch.distributed as dist
 import matplotlib.pyplot as plt
 from matplotlib.patches import FancyBboxPatch
 from PIL import Image
-from fastcore.basics import noop
 from fastcore.foundation import L
-from fastcore.script import call_parse
-from fastai.callback.core import Callback, CancelFitException
-from fastai.callback.progress import ProgressCallback
+from fastai.data.block import DataBlock
 from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
 from fastai.learner import Learner
-from fastai.torch_core import params, set_seed
-from .data import (DataError, DataNotFoundError, IMAGE_EXTS, load_rgb, image_files, split_ab, synthetic_path,
-                             photo_to_sketch, denorm)
-from .generator import get_norm, init_weights, UnetGenerator
+from fastai.torch_core import params
+from fastai.vision.core import PILImage
+from .data import (load_rgb, image_files, split_ab, synthetic_path, photo_to_sketch, find_facades,
+                             PairImageBlock, PairJitter, pair_block, block_dl, find_pairs, Pair)
+from .generator import init_weights, make_generator, export_generator, ResnetGenerator, UnetGenerator, GENERATORS
 from .patchgan import PatchDiscriminator
-from .train import (GANTrainer, MultiOptimizer, adam, log_line, resolve_precision, precision_callbacks, lsgan_loss, get_gan_loss, get_device,
-    NanGuard, Checkpoint, EpochGrid, LossCurves, DistributedGAN, ddp_setup, ddp_cleanup, sync_batchnorm, is_main_process,
-    inference_mode, read_checkpoint, tile, eval_pairs, mean_target, generator_predictor, _in_notebook, _cli_run, _check_pos)
+from .gan import AdversarialTrainer, MultiOptimizer, adam, lsgan_loss, get_gan_loss, EpochGrid
+from .metrics import eval_pairs, mean_target, generator_predictor
+from .callbacks import read_checkpoint
+from .train import start_run, run_callbacks, run_fit, default_progress
 
 # %% auto #0
-__all__ = ['GENERATORS', 'NORMS', 'domain_files', 'ab_side', 'unpaired_split', 'synthetic_unpaired', 'facades_unpaired',
-           'UnpairedImages', 'PairedImages', 'paired_files', 'unpaired_dls', 'show_unpaired', 'conv_norm_act',
-           'ResnetBlock', 'ResnetGenerator', 'plot_cycles', 'cycle_losses', 'ImagePool', 'CycleGAN',
-           'cyclegan_splitter', 'CycleGANTrainer', 'cyclegan_learner', 'cycle_a_panels', 'cycle_b_panels',
-           'cycle_grids', 'show_cycles', 'cyclegan_model', 'fit_cyclegan', 'export_cyclegan', 'pix2pix_cyclegan']
+__all__ = ['domain_files', 'ab_side', 'unpaired_split', 'synthetic_unpaired', 'facades_unpaired', 'load_pil', 'RandomPartner',
+           'unpaired_block', 'paired_files', 'unpaired_dls', 'show_unpaired', 'plot_cycles', 'cycle_losses',
+           'ImagePool', 'CycleGAN', 'cyclegan_splitter', 'CycleGANTrainer', 'cyclegan_learner', 'cycle_a_panels',
+           'cycle_b_panels', 'cycle_grids', 'show_cycles', 'cyclegan_model', 'fit_cyclegan', 'export_cyclegan']
 
 # %% ../nbs/04_cyclegan.ipynb #c867c677
 def domain_files(folder) -> list:
@@ -96,51 +93,38 @@ def synthetic_unpaired(size:int=256, # Image size of the synthetic dataset
     return _split_cached(dest, man, lambda: [unpaired_split(src, dest, s, seed=seed) for s in ('train', 'test')])
 
 # %% ../nbs/04_cyclegan.ipynb #8827b351
-def facades_unpaired(src='../shared/data/facades', # CMP facades root (`train/*.jpg`, photo LEFT | labels RIGHT)
+def facades_unpaired(src=None, # CMP facades root (`train/*.jpg`, photo LEFT | labels RIGHT); None: `find_facades()`
                      dest='data/facades_unpaired', # Output root: `trainA/` (sketches), `trainB/` (photos)
                      seed:int=0, # Seed of the split into halves
                      sketch=photo_to_sketch, # `PIL.Image -> PIL.Image` turning a photo into a binary sketch
                      n:int|None=None, # Use only `n` of the photos (None: all)
                     ) -> Path:
     "Real photos → sketches for domain A and real photos for domain B, from disjoint halves of the facades."
-    src = Path(src)
+    src = Path(src) if src is not None else find_facades()
+    if src is None: raise DataNotFoundError('facades not found: set PIX2PIX_DATA to a folder holding facades/, run get_facades(), or pass src')
     if not (src/'train').is_dir(): raise DataNotFoundError(f'facades not found: {src/"train"} is missing')
     man = dict(source=str(src.resolve()), seed=seed, kind='facades', sketch=getattr(sketch, '__name__', str(sketch)), n=n)
     return _split_cached(dest, man, lambda: unpaired_split(src, dest, 'train', 'left', 'left', a_tfm=sketch, seed=seed, n=n))
 
 # %% ../nbs/04_cyclegan.ipynb #63dbf548
-def _to_tensor(img:Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)/127.5 - 1
+def load_pil(fn) -> PILImage:
+    "Getter: an image file as a fastai `PILImage` (RGB, any mode on disk)."
+    return PILImage(load_rgb(fn))
 
-class UnpairedImages(torch.utils.data.Dataset):
-    "Images of two domains with no correspondence: item `i` is (A[i], a random B) in training, (A[i], B[i]) otherwise."
-    def __init__(self, a_files, b_files, size:int=256, load_size:int|None=None, train:bool=True):
-        self.a, self.b = list(a_files), list(b_files)
-        if not self.a or not self.b: raise DataError(f'both domains need images: got {len(self.a)} A and {len(self.b)} B')
-        self.size, self.train = size, train
-        self.load_size = load_size or round(size*286/256)
-    def __len__(self): return max(len(self.a), len(self.b))
-    def load(self, f) -> torch.Tensor:
-        img = load_rgb(f)
-        if not self.train: return _to_tensor(img.resize((self.size, self.size), Image.BICUBIC))
-        img = img.resize((self.load_size, self.load_size), Image.BICUBIC)
-        x, y = (random.randint(0, self.load_size - self.size) for _ in range(2))
-        img = img.crop((x, y, x + self.size, y + self.size))
-        if random.random() < 0.5: img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return _to_tensor(img)
-    def __getitem__(self, i):
-        b = random.randrange(len(self.b)) if self.train else i % len(self.b)
-        return self.load(self.a[i % len(self.a)]), self.load(self.b[b])
+class RandomPartner:
+    "Getter for unpaired training: ignores the A item and returns a random B image, drawn afresh every time."
+    def __init__(self, b_files): self.b = list(b_files)
+    def __call__(self, _): return load_pil(random.choice(self.b))
+
+def unpaired_block(b_files:list, # Files of domain B
+                   size:int=256, # Crop size
+                   load_size:int=None, # Resize before the random crop (default size*286/256)
+                  ) -> DataBlock:
+    "Training samples (A image, random B image) with the same jitter and [-1, 1] scaling as the paired data."
+    return DataBlock(blocks=(PairImageBlock, PairImageBlock), get_x=load_pil, get_y=RandomPartner(b_files),
+                     item_tfms=PairJitter(size, load_size))
 
 # %% ../nbs/04_cyclegan.ipynb #b5e00186
-class PairedImages(torch.utils.data.Dataset):
-    "Side-by-side AB files as fixed (A, B) pairs resized to `size`: validation/test data with ground truth."
-    def __init__(self, files, size:int=256): self.files, self.size = list(files), size
-    def __len__(self): return len(self.files)
-    def __getitem__(self, i):
-        f = self.files[i]
-        return tuple(_to_tensor(im.resize((self.size, self.size), Image.BICUBIC)) for im in split_ab(load_rgb(f), f))
-
 def paired_files(source, # Folder in AB layout (with val/ or test/ sub-folders, or images directly), or 'synthetic'
                  size:int=256, # Size of the synthetic set (only for 'synthetic')
                  splits=('val', 'test'), # Sub-folders to try, in order
@@ -176,12 +160,16 @@ def unpaired_dls(source_a='synthetic', # Folder of domain A, a root with `trainA
         if source_b is not None: raise ValueError("source_a='synthetic' makes both domains: leave source_b out")
         source_a, valid = synthetic_unpaired(size=size), valid if valid is not None else 'synthetic'
     ta, tb, va, vb = _domains(source_a, source_b)
-    train = UnpairedImages(domain_files(ta), domain_files(tb), size, load_size, train=True)
-    if valid is not None: vds = PairedImages(paired_files(valid, size)[:n_valid], size)
-    else: vds = UnpairedImages(domain_files(va or ta)[:n_valid], domain_files(vb or tb)[:n_valid], size, train=False)
-    if len(train) < bs: raise DataError(f'batch size {bs} is larger than the {len(train)} training images')
-    dls = DataLoaders(DataLoader(train, bs=bs, shuffle=True, drop_last=True, num_workers=num_workers),
-                      DataLoader(vds, bs=max(1, min(bs, len(vds))), num_workers=num_workers), device=device)
+    fa, fb = domain_files(ta), domain_files(tb)
+    items = [fa[i % len(fa)] for i in range(max(len(fa), len(fb)))]
+    if len(items) < bs: raise DataError(f'batch size {bs} is larger than the {len(items)} training images')
+    train = block_dl(unpaired_block(fb, size, load_size), items, train=True, bs=bs, num_workers=num_workers, device=device)
+    if valid is not None: vitems = [Pair(f, None, 'val') for f in paired_files(valid, size)[:n_valid]]
+    else:
+        va_, vb_ = domain_files(va or ta)[:n_valid], domain_files(vb or tb)
+        vitems = [Pair(a, vb_[i % len(vb_)], 'val') for i, a in enumerate(va_)]
+    vdl = block_dl(pair_block(size, None, 'AtoB', False), vitems, train=False, bs=max(1, min(bs, len(vitems))), num_workers=num_workers, device=device)
+    dls = DataLoaders(train, vdl, device=device)
     dls.sources, dls.paired_valid = dict(A=ta, B=tb), valid is not None
     return dls
 
@@ -192,72 +180,10 @@ def show_unpaired(dls, n:int=4, figsize=None):
     fig, axs = plt.subplots(2, n, figsize=figsize or (2*n, 4.3))
     for j in range(n):
         for i, (row, name) in enumerate(((a, 'A'), (b, 'B'))):
-            axs[i, j].imshow(denorm(row[j].float().cpu()).permute(1, 2, 0).clamp(0, 1)); axs[i, j].axis('off')
+            axs[i, j].imshow(denorm(row[j]).cpu().permute(1, 2, 0)); axs[i, j].axis('off')
         axs[0, j].set_title(f'A {j}'); axs[1, j].set_title(f'B {j}')
     fig.suptitle('domain A (sketches) | domain B (facades): no correspondence'); fig.tight_layout()
     return fig
-
-# %% ../nbs/04_cyclegan.ipynb #f3a23e5f
-def _norm_has_shift(norm_layer) -> bool:
-    "Does `norm_layer` (a callable `nf -> nn.Module` or None) add a learnable per-channel shift?"
-    if norm_layer is None: return False
-    m = norm_layer(4)
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) or getattr(m, 'bias', None) is not None
-
-def conv_norm_act(ni:int, # Input channels
-                  nf:int, # Output channels
-                  ks:int=3, # Kernel size
-                  stride:int=1, # 2 for a `dk` down-sampling layer
-                  norm_layer=None, # Callable `nf -> nn.Module` (see `get_norm`), or None
-                  act:bool=True, # Add a ReLU
-                  transpose:bool=False, # Transposed convolution that doubles the size (`uk`)
-                 ) -> list:
-    "Layers of `c7s1-k` (ks=7), `dk` (stride=2) or `uk` (transpose=True): conv, optional norm, optional ReLU."
-    bias = not _norm_has_shift(norm_layer)
-    if transpose: layers = [nn.ConvTranspose2d(ni, nf, ks, stride, padding=ks//2, output_padding=stride-1, bias=bias)]
-    elif stride == 1: layers = [nn.ReflectionPad2d(ks//2), nn.Conv2d(ni, nf, ks, bias=bias)]
-    else: layers = [nn.Conv2d(ni, nf, ks, stride, padding=ks//2, bias=bias)]
-    if norm_layer is not None: layers.append(norm_layer(nf))
-    if act: layers.append(nn.ReLU(True))
-    return layers
-
-# %% ../nbs/04_cyclegan.ipynb #f8f7fc8d
-class ResnetBlock(nn.Module):
-    "`Rk`: x + conv-norm-ReLU-[dropout]-conv-norm(x), 3×3 convolutions with reflection padding."
-    def __init__(self, nf:int, norm_layer=None, dropout:float=0.):
-        super().__init__()
-        self.block = nn.Sequential(*conv_norm_act(nf, nf, 3, norm_layer=norm_layer),
-                                   *([nn.Dropout(dropout)] if dropout else []),
-                                   *conv_norm_act(nf, nf, 3, norm_layer=norm_layer, act=False))
-    def forward(self, x): return x + self.block(x)
-
-# %% ../nbs/04_cyclegan.ipynb #9869ab2c
-class ResnetGenerator(nn.Module):
-    "CycleGAN's generator: `c7s1-ngf, d2ngf, d4ngf, R4ngf × n_blocks, u2ngf, ungf, c7s1-out_ch`, tanh output."
-    def __init__(self, in_ch:int=3, # Channels of the input image
-                 out_ch:int=3, # Channels of the output image
-                 ngf:int=64, # Filters of the first layer (doubled by each down-sampling)
-                 n_blocks:int=9, # Residual blocks: 9 at 256 px, 6 at 128 px in the paper
-                 norm:str='instance', # 'instance' | 'batch' | 'none' (see `get_norm`)
-                 dropout:float=0., # Dropout inside the residual blocks (the reference's `--no_dropout` is 0)
-                 n_downs:int=2, # Stride-2 down-samplings (and as many up-samplings)
-                ):
-        super().__init__()
-        if n_blocks < 0 or n_downs < 0: raise ValueError(f'n_blocks and n_downs must be >= 0, got {n_blocks}, {n_downs}')
-        self.hparams = dict(in_ch=in_ch, out_ch=out_ch, ngf=ngf, n_blocks=n_blocks, norm=norm, dropout=dropout, n_downs=n_downs)
-        nl = get_norm(norm)
-        enc = conv_norm_act(in_ch, ngf, 7, norm_layer=nl)
-        for i in range(n_downs): enc += conv_norm_act(ngf*2**i, ngf*2**(i+1), 3, 2, norm_layer=nl)
-        self.encoder = nn.Sequential(*enc)
-        self.blocks = nn.Sequential(*[ResnetBlock(ngf*2**n_downs, nl, dropout) for _ in range(n_blocks)])
-        dec = []
-        for i in range(n_downs, 0, -1): dec += conv_norm_act(ngf*2**i, ngf*2**(i-1), 3, 2, norm_layer=nl, transpose=True)
-        self.decoder = nn.Sequential(*dec, nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7), nn.Tanh())
-        self.factor = 2**n_downs
-    def forward(self, x):
-        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
-            raise ValueError(f'ResnetGenerator: image size {tuple(x.shape[-2:])} must be a multiple of {self.factor}')
-        return self.decoder(self.blocks(self.encoder(x)))
 
 # %% ../nbs/04_cyclegan.ipynb #ad7034f5
 def plot_cycles(figsize=(8, 5)):
@@ -340,7 +266,7 @@ def cyclegan_splitter(model:CycleGAN) -> dict:
     "Two optimisers, as in the reference: 'G' over G_A and G_B, 'D' over D_A and D_B."
     return dict(G=params(model.G_A) + params(model.G_B), D=params(model.D_A) + params(model.D_B))
 
-class CycleGANTrainer(GANTrainer):
+class CycleGANTrainer(AdversarialTrainer):
     "Every training batch: both generators (GAN + cycle + identity, D frozen), then both discriminators on pooled fakes."
     def __init__(self, lambda_a:float=10., # Weight of the A → B → A cycle loss
                  lambda_b:float=10., # Weight of the B → A → B cycle loss
@@ -362,7 +288,7 @@ class CycleGANTrainer(GANTrainer):
             fake_a = G_B(b)
             rec_a, rec_b = G_B(fake_b), G_A(fake_a)
             idt = (G_A(b), G_B(a)) if self.lambda_idt > 0 else (None, None)
-            g = dict(G_A=gan(D_A(fake_b).float(), True), G_B=gan(D_B(fake_a).float(), True))
+            g = dict(G_A=gan(self.plain('D_A')(fake_b).float(), True), G_B=gan(self.plain('D_B')(fake_a).float(), True))
             g.update(cycle_losses(a, b, rec_a, rec_b, *idt, self.lambda_a, self.lambda_b, self.lambda_idt))
             loss_G = sum(g.values())
         self.optimize('G', loss_G)
@@ -425,14 +351,7 @@ def show_cycles(model:CycleGAN, a:torch.Tensor, b:torch.Tensor, title:str|None=N
     return fig
 
 # %% ../nbs/04_cyclegan.ipynb #0c86c2ec
-def _resnet(in_ch, out_ch, ngf, norm, size, n_blocks=None, **_):
-    return ResnetGenerator(in_ch, out_ch, ngf, n_blocks if n_blocks is not None else (9 if size >= 256 else 6), norm)
-def _unet(in_ch, out_ch, ngf, norm, size, **_):
-    return UnetGenerator(in_ch, out_ch, ngf, norm=norm, dropout=False, size=size)
-GENERATORS = dict(resnet=_resnet, unet=_unet)
-NORMS = ('instance', 'batch', 'none')
-
-def cyclegan_model(generator:str='resnet', # 'resnet' (CycleGAN's) or 'unet' (notebook 01's)
+def cyclegan_model(generator=ResnetGenerator, # Generator class or name (see `make_generator`): CycleGAN's ResNet by default
                    ngf:int=64, # Generator filters in the first layer
                    ndf:int=64, # Discriminator filters in the first layer
                    n_blocks:int|None=None, # ResNet blocks (default: 9 from 256 px, else 6)
@@ -442,10 +361,9 @@ def cyclegan_model(generator:str='resnet', # 'resnet' (CycleGAN's) or 'unet' (no
                    init_std:float=0.02, # Std of the N(0, std) weight init
                   ) -> CycleGAN:
     "Two generators and two 3-channel PatchGANs, initialised, in a `CycleGAN`."
-    if generator not in GENERATORS: raise ValueError(f'generator must be one of {sorted(GENERATORS)}, got {generator!r}')
-    if generator == 'resnet' and size % 4: raise ValueError(f'size={size}: the ResNet generator needs a multiple of 4')
-    if isinstance(norm, str) and norm not in NORMS: raise ValueError(f'norm={norm!r}: expected one of {list(NORMS)}')
-    G = lambda: init_weights(GENERATORS[generator](3, 3, ngf, norm, size, n_blocks=n_blocks), init_std)
+    arch = GENERATORS.get(generator, generator) if isinstance(generator, str) else generator
+    if arch is ResnetGenerator and size % 4: raise ValueError(f'size={size}: the ResNet generator needs a multiple of 4')
+    G = lambda: init_weights(make_generator(generator, 3, 3, ngf, norm, False, size, n_blocks), init_std)
     D = lambda: init_weights(PatchDiscriminator(in_ch=3, ndf=ndf, n_layers=n_layers, norm=norm), init_std)
     return CycleGAN(G(), G(), D(), D())
 
@@ -461,7 +379,7 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
                  lambda_idt:float=0.5, # Identity weight (relative to lambda_a/lambda_b; 0: off)
                  pool_size:int=50, # Image-pool size
                  gan_loss='lsgan', # 'lsgan' (paper), 'vanilla' or a `loss(pred, real)` callable
-                 generator:str='resnet', # 'resnet' or 'unet'
+                 generator='resnet', # 'resnet', 'unet', 'encoder_decoder' or a generator class
                  ngf:int=64, ndf:int=64, # Width of the generators / discriminators
                  n_blocks:int|None=None, # ResNet blocks (default 9 from 256 px, else 6)
                  n_layers:int=3, # PatchGAN depth (3: 70×70 patches)
@@ -478,103 +396,33 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
                  seed:int=0, # Random seed (init, data order, pools)
                  load_size:int=None, # Jitter resize before the random crop (default size*286/256)
                  num_workers:int=0, # DataLoader workers
-                 progress:bool=True, # Show fastai's progress bar and table, and the grid widget in Jupyter (else one line per epoch)
-                 export:bool=True, # Export both generators with `pix2pix_nb.inference.export_generator`
+                 progress:bool=None, # Progress bar and table (and the grid widget in Jupyter); None: on a terminal or in Jupyter, else one line per epoch
+                 export:bool=True, # Export both generators (`export_generator`)
                  distributed:bool=None, # Data-parallel under torchrun (default: when WORLD_SIZE > 1)
                  cbs=None, # Extra callbacks
                 ) -> Learner:
     "Train CycleGAN on two unpaired image sets and return the `Learner` (`learn.model.G_A`: A → B)."
-    _check_pos(epochs=epochs, size=size, bs=bs, save_every=save_every, grid_every=grid_every, n_grid=n_grid)
-    epochs_decay = epochs // 2 if epochs_decay is None else epochs_decay
-    if not 0 <= epochs_decay <= epochs: raise ValueError(f'epochs_decay={epochs_decay}: must be between 0 and epochs={epochs}')
+    run = start_run(out, epochs, epochs_decay, device, precision, channels_last, resume, distributed, seed,
+                    size=size, bs=bs, save_every=save_every, grid_every=grid_every, n_grid=n_grid)
     gan_loss = get_gan_loss(gan_loss)
-    distributed = int(os.environ.get('WORLD_SIZE', 1)) > 1 if distributed is None else distributed
-    if distributed: ddp_setup()
-    dev, out = get_device(device), Path(out)
-    precision, channels_last = resolve_precision(precision, channels_last, dev)
-    if resume is True: resume = out/'checkpoint.pt'
-    set_seed(seed)
+    model = cyclegan_model(generator, ngf, ndf, n_blocks, n_layers, norm, size)   # cheap checks (size, norm) before the data
     dls = unpaired_dls(source_a, source_b, size=size, bs=bs, load_size=load_size, valid=valid, n_valid=n_grid,
-                       num_workers=num_workers, device=dev)
-    model = cyclegan_model(generator, ngf, ndf, n_blocks, n_layers, norm, size)
-    if distributed and dev.type == 'cuda': model = sync_batchnorm(model)
-    main = is_main_process()
-    cb = [NanGuard(), Checkpoint(out/'checkpoint.pt', every=save_every)]
-    if main: cb += cycle_grids(out, n=n_grid, size=min(size, 128), every=grid_every, widget=None if progress else False) + [LossCurves(out/'losses.png')]
-    cb += precision_callbacks(precision, channels_last)
-    if distributed: cb.append(DistributedGAN())
-    learn = cyclegan_learner(dls, model, lambda_a, lambda_b, lambda_idt, pool_size, lr, gan_loss=gan_loss, cbs=cb + L(cbs))
-    if not (progress and main):
-        learn.remove_cb(ProgressCallback); learn.logger = partial(log_line, learn) if main else noop
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg = dict(model='cyclegan', source_a=str(source_a), source_b=None if source_b is None else str(source_b), valid=None if valid is None else str(valid),
-                   epochs=epochs, epochs_decay=epochs_decay, size=size, bs=bs, lr=lr, lambda_a=lambda_a, lambda_b=lambda_b,
-                   lambda_idt=lambda_idt, pool_size=pool_size, gan_loss=getattr(gan_loss, '__name__', str(gan_loss)),
-                   generator=generator, ngf=ngf, ndf=ndf, n_blocks=model.G_A.hparams.get('n_blocks'), n_layers=n_layers,
-                   norm=norm, precision=precision, channels_last=channels_last, seed=seed, device=str(dev),
-                   world_size=dist.get_world_size() if distributed else 1, resume=str(resume) if resume else None)
-        (out/'config.json').write_text(json.dumps(cfg, indent=1))
-    try: learn.fit_linear_decay(epochs - epochs_decay, epochs_decay, lr=lr, resume=resume)
-    finally:
-        if distributed: ddp_cleanup()
-    if export and main and not learn.interrupted: export_cyclegan(learn, out, size=size, source_a=str(source_a), epochs=epochs)
-    return learn
+                       num_workers=num_workers, device=run.dev)
+    progress = default_progress() if progress is None else progress
+    grids = cycle_grids(run.out, n=n_grid, size=min(size, 128), every=grid_every, widget=None if progress else False)
+    learn = cyclegan_learner(dls, model, lambda_a, lambda_b, lambda_idt, pool_size, lr, gan_loss=gan_loss, seed=seed,
+                             cbs=run_callbacks(run, save_every, grids, cbs))
+    cfg = dict(model='cyclegan', source_a=str(source_a), source_b=None if source_b is None else str(source_b), valid=None if valid is None else str(valid),
+               size=size, bs=bs, lr=lr, lambda_a=lambda_a, lambda_b=lambda_b, lambda_idt=lambda_idt, pool_size=pool_size,
+               gan_loss=getattr(gan_loss, '__name__', str(gan_loss)), generator=getattr(generator, '__name__', str(generator)),
+               ngf=ngf, ndf=ndf, n_blocks=model.G_A.hparams.get('n_blocks'), n_layers=n_layers, norm=norm, load_size=load_size)
+    exp = lambda l: export_cyclegan(l, run.out, size=size, source_a=str(source_a), epochs=epochs)
+    return run_fit(learn, run, lr, cfg, progress, exp if export else None)
+
 
 # %% ../nbs/04_cyclegan.ipynb #c161f205
 def export_cyclegan(learn:Learner, out, **meta) -> tuple:
     "Export `G_A` to `out`/generator.safetensors (A → B) and `G_B` to `out`/generator_BtoA.safetensors (+ JSON sidecars)."
-    from pix2pix_nb.inference import export_generator
     m = learn.model
     return (export_generator(m.G_A, Path(out)/'generator.safetensors', direction='AtoB', model='cyclegan', **meta),
             export_generator(m.G_B, Path(out)/'generator_BtoA.safetensors', direction='BtoA', model='cyclegan', **meta))
-
-# %% ../nbs/04_cyclegan.ipynb #c964d832
-def _cli_fit(facades=None, source_a='synthetic', source_b=None, out='runs/cyclegan', **kwargs):
-    if facades is not None:
-        if source_b is not None or source_a != 'synthetic': raise ValueError('--facades replaces --source_a/--source_b: give one or the other')
-        source_a = facades_unpaired(facades, Path(out)/'data')
-    return fit_cyclegan(source_a, source_b, out=out, **kwargs)
-
-@call_parse
-def pix2pix_cyclegan(
-    source_a:str='synthetic', # Domain A folder, a root with trainA/ trainB/, or 'synthetic'
-    source_b:str=None, # Domain B folder (omit when source_a is a root)
-    facades:str=None, # Real CMP facades folder: photos→sketches (A) vs photos (B) from disjoint halves
-    valid:str=None, # Paired AB folder for validation L1 and the grids
-    out:str='runs/cyclegan', # Output folder
-    epochs:int=200, # Total epochs
-    epochs_decay:int=None, # Epochs of linear lr decay at the end (default: half)
-    size:int=256, # Image size in pixels
-    bs:int=1, # Batch size
-    lr:float=2e-4, # Adam learning rate
-    lambda_a:float=10., # A → B → A cycle weight
-    lambda_b:float=10., # B → A → B cycle weight
-    lambda_idt:float=0.5, # Identity weight (relative; 0: off)
-    pool_size:int=50, # Image-pool size
-    gan_loss:str='lsgan', # 'lsgan' or 'vanilla'
-    generator:str='resnet', # 'resnet' or 'unet'
-    ngf:int=64, # Generator width
-    ndf:int=64, # Discriminator width
-    n_blocks:int=None, # ResNet blocks (default 9 from 256 px, else 6)
-    n_layers:int=3, # PatchGAN depth
-    norm:str='instance', # 'instance', 'batch' or 'none'
-    save_every:int=5, # Checkpoint every N epochs
-    resume:str=None, # Checkpoint to continue from ('last': OUT/checkpoint.pt)
-    device:str=None, # 'cuda', 'mps' or 'cpu' (default: best available)
-    precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
-    channels_last:bool=False, # Force channels_last memory format (else: with 'auto' bf16)
-    n_grid:int=4, # Samples in the epoch grids
-    grid_every:int=1, # Epoch grid every N epochs
-    seed:int=0, # Random seed
-    num_workers:int=0, # DataLoader workers
-    no_export:bool=False, # Do not export the generators
-    no_progress:bool=False, # One line per epoch instead of the progress bar
-):
-    "Train CycleGAN on unpaired images; writes checkpoints, grids, loss curves and generator.safetensors to OUT."
-    _cli_run('pix2pix_cyclegan', _cli_fit, facades, source_a, source_b, out=out, valid=valid, epochs=epochs,
-             epochs_decay=epochs_decay, size=size, bs=bs, lr=lr, lambda_a=lambda_a, lambda_b=lambda_b, lambda_idt=lambda_idt,
-             pool_size=pool_size, gan_loss=gan_loss, generator=generator, ngf=ngf, ndf=ndf, n_blocks=n_blocks,
-             n_layers=n_layers, norm=norm, save_every=save_every, resume=True if resume == 'last' else resume,
-             device=device, precision=precision, channels_last=True if channels_last else None, n_grid=n_grid, grid_every=grid_every,
-             seed=seed, num_workers=num_workers, export=not no_export, progress=not no_progress)

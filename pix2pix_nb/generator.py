@@ -4,13 +4,14 @@
 
 # %% ../nbs/01_generator.ipynb #7b4dec1d
 from __future__ import annotations
+import json
+from .core import *
 import math
 from functools import partial
 import torch, torch.nn as nn
 
 # %% auto #0
-__all__ = ['NORMS', 'get_norm', 'encoder_block', 'decoder_block', 'output_block', 'n_downs_for', 'enc_channels', 'EncoderDecoder',
-           'UnetGenerator', 'shape_table', 'n_params', 'init_weights']
+__all__ = ['NORMS', 'GENERATORS', 'get_norm', 'conv_bias', 'conv_norm_act', 'encoder_block', 'decoder_block', 'output_block', 'n_downs_for', 'enc_channels', 'EncoderDecoder', 'UnetGenerator', 'shape_table', 'n_params', 'init_weights', 'ResnetBlock', 'ResnetGenerator', 'make_generator', 'FORMAT', 'ModelFileError', 'export_generator', 'read_meta', 'load_generator']
 
 # %% ../nbs/01_generator.ipynb #9590c33b
 NORMS = {'batch': partial(nn.BatchNorm2d, affine=True, track_running_stats=True),
@@ -26,27 +27,46 @@ def get_norm(norm='batch', # 'batch' | 'instance' | 'none', or a callable `nf ->
         raise ValueError(f"norm={norm!r}: expected one of {sorted(NORMS)} or a callable nf -> nn.Module")
     return NORMS[norm]
 
-def _conv_bias(norm_layer) -> bool:
-    "Convs need a bias unless the following norm has its own shift (BatchNorm, like the reference)"
+def conv_bias(norm_layer) -> bool:
+    "Convs get a bias unless the norm after them has its own learnable shift (BatchNorm, affine Instance/GroupNorm), as in the reference."
     if norm_layer is None: return True
-    f = norm_layer
-    while isinstance(f, partial): f = f.func
-    if isinstance(f, type): return not issubclass(f, nn.modules.batchnorm._BatchNorm)
-    try: return not isinstance(norm_layer(64), nn.modules.batchnorm._BatchNorm)   # any other callable: probe it
+    try: m = norm_layer(64)
     except Exception: return True
+    return not (isinstance(m, nn.modules.batchnorm._BatchNorm) or getattr(m, 'bias', None) is not None)
+
+def conv_norm_act(ni:int, # Input channels
+                  nf:int, # Output channels
+                  ks:int=3, # Kernel size
+                  stride:int=1, # 2 halves the size (or doubles it with `transpose`)
+                  padding:int=None, # Padding (default ks//2)
+                  norm_layer=None, # Norm factory `nf -> nn.Module` (see `get_norm`), None for no norm
+                  act:nn.Module|None=None, # Activation module, None for none
+                  dropout:float=0., # Dropout after the norm (0: none)
+                  transpose:bool=False, # Transposed convolution (up-sampling)
+                  output_padding:int=0, # Extra output size of a transposed conv (1 for 3×3 stride-2 `uk` layers)
+                  reflect:bool=False, # Reflection padding (a separate layer) instead of zero padding
+                  bias:bool|None=None, # Conv bias; default `conv_bias(norm_layer)`
+                 ) -> list:
+    "The one building block of every network here: [reflection pad] → conv (or transposed conv) → [norm] → [dropout] → [act]."
+    bias = conv_bias(norm_layer) if bias is None else bias
+    padding = ks // 2 if padding is None else padding
+    if transpose: layers = [nn.ConvTranspose2d(ni, nf, ks, stride, padding, output_padding=output_padding, bias=bias)]
+    elif reflect: layers = [nn.ReflectionPad2d(padding), nn.Conv2d(ni, nf, ks, stride, 0, bias=bias)]
+    else: layers = [nn.Conv2d(ni, nf, ks, stride, padding, bias=bias)]
+    if norm_layer is not None: layers.append(norm_layer(nf))
+    if dropout: layers.append(nn.Dropout(dropout))
+    if act is not None: layers.append(act)
+    return layers
 
 # %% ../nbs/01_generator.ipynb #2fd1f0c3
 def encoder_block(ni:int, # Input channels
                   nf:int, # Output channels
                   norm_layer=None, # Norm factory `nf -> nn.Module` (see `get_norm`), None for no norm
                   act:nn.Module|None=None, # Activation, default LeakyReLU(0.2)
-                  bias:bool|None=None, # Conv bias; default: unless `norm_layer` is a BatchNorm
+                  bias:bool|None=None, # Conv bias; default `conv_bias(norm_layer)`
                  ) -> nn.Sequential:
     "4×4 stride-2 conv (halves the size) → norm → LeakyReLU(0.2)"
-    layers = [nn.Conv2d(ni, nf, 4, 2, 1, bias=_conv_bias(norm_layer) if bias is None else bias)]
-    if norm_layer is not None: layers.append(norm_layer(nf))
-    layers.append(act if act is not None else nn.LeakyReLU(0.2, True))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*conv_norm_act(ni, nf, 4, 2, 1, norm_layer, act if act is not None else nn.LeakyReLU(0.2, True), bias=bias))
 
 def decoder_block(ni:int, # Input channels (including concatenated skip channels)
                   nf:int, # Output channels
@@ -54,11 +74,7 @@ def decoder_block(ni:int, # Input channels (including concatenated skip channels
                   dropout:float=0., # Dropout probability (0.5 on the three innermost decoder blocks)
                  ) -> nn.Sequential:
     "4×4 stride-2 transposed conv (doubles the size) → norm → dropout → ReLU"
-    layers = [nn.ConvTranspose2d(ni, nf, 4, 2, 1, bias=_conv_bias(norm_layer))]
-    if norm_layer is not None: layers.append(norm_layer(nf))
-    if dropout: layers.append(nn.Dropout(dropout))
-    layers.append(nn.ReLU(True))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*conv_norm_act(ni, nf, 4, 2, 1, norm_layer, nn.ReLU(True), dropout, transpose=True))
 
 def output_block(ni:int, # Input channels
                  out_ch:int=3, # Image channels
@@ -80,7 +96,7 @@ def enc_channels(n_downs:int, ngf:int=64) -> list:
 
 # %% ../nbs/01_generator.ipynb #010f8c99
 class EncoderDecoder(nn.Module):
-    "The seed's first design: encoder down to 1×1, decoder back up, no skips"
+    "Encoder down to 1×1, decoder back up, no skips: the design the U-Net improves on"
     skips = False
     def __init__(self,
                  in_ch:int=3, # Input image channels
@@ -100,7 +116,7 @@ class EncoderDecoder(nn.Module):
         self.hparams = dict(in_ch=in_ch, out_ch=out_ch, ngf=ngf, n_downs=n_downs,
                             norm=norm if isinstance(norm, str) else getattr(norm, '__name__', repr(norm)),
                             dropout=bool(dropout), size=size)
-        ch, m, bias = enc_channels(n_downs, ngf), 2 if self.skips else 1, _conv_bias(nl)
+        ch, m, bias = enc_channels(n_downs, ngf), 2 if self.skips else 1, conv_bias(nl)
         self.encoder = nn.ModuleList(   # the norm-less first and innermost convs follow the net's bias rule (as the reference)
             [encoder_block(in_ch, ch[0], bias=bias)] +
             [encoder_block(ch[i-1], ch[i], nl) for i in range(1, n_downs-1)] +
@@ -164,3 +180,149 @@ def init_weights(model:nn.Module, # Network to initialise in place
         elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and m.weight is not None:
             nn.init.normal_(m.weight, 1., std); nn.init.zeros_(m.bias)
     return model
+
+# %% ../nbs/01_generator.ipynb #f8f7fc8d
+class ResnetBlock(nn.Module):
+    "`Rk`: x + conv-norm-ReLU-[dropout]-conv-norm(x), 3×3 convolutions with reflection padding."
+    def __init__(self, nf:int, norm_layer=None, dropout:float=0.):
+        super().__init__()
+        self.block = nn.Sequential(*conv_norm_act(nf, nf, 3, norm_layer=norm_layer, act=nn.ReLU(True), dropout=dropout, reflect=True),
+                                   *conv_norm_act(nf, nf, 3, norm_layer=norm_layer, reflect=True))
+    def forward(self, x): return x + self.block(x)
+
+# %% ../nbs/01_generator.ipynb #9869ab2c
+class ResnetGenerator(nn.Module):
+    "CycleGAN's generator: `c7s1-ngf, d2ngf, d4ngf, R4ngf × n_blocks, u2ngf, ungf, c7s1-out_ch`, tanh output."
+    def __init__(self, in_ch:int=3, # Channels of the input image
+                 out_ch:int=3, # Channels of the output image
+                 ngf:int=64, # Filters of the first layer (doubled by each down-sampling)
+                 n_blocks:int=9, # Residual blocks: 9 at 256 px, 6 at 128 px in the paper
+                 norm:str='instance', # 'instance' | 'batch' | 'none' (see `get_norm`)
+                 dropout:float=0., # Dropout inside the residual blocks (the reference's `--no_dropout` is 0)
+                 n_downs:int=2, # Stride-2 down-samplings (and as many up-samplings)
+                ):
+        super().__init__()
+        if n_blocks < 0 or n_downs < 0: raise ValueError(f'n_blocks and n_downs must be >= 0, got {n_blocks}, {n_downs}')
+        self.hparams = dict(in_ch=in_ch, out_ch=out_ch, ngf=ngf, n_blocks=n_blocks, norm=norm, dropout=dropout, n_downs=n_downs)
+        nl = get_norm(norm)
+        enc = conv_norm_act(in_ch, ngf, 7, norm_layer=nl, act=nn.ReLU(True), reflect=True)
+        for i in range(n_downs): enc += conv_norm_act(ngf*2**i, ngf*2**(i+1), 3, 2, norm_layer=nl, act=nn.ReLU(True))
+        self.encoder = nn.Sequential(*enc)
+        self.blocks = nn.Sequential(*[ResnetBlock(ngf*2**n_downs, nl, dropout) for _ in range(n_blocks)])
+        dec = []
+        for i in range(n_downs, 0, -1): dec += conv_norm_act(ngf*2**i, ngf*2**(i-1), 3, 2, norm_layer=nl, act=nn.ReLU(True), transpose=True, output_padding=1)
+        self.decoder = nn.Sequential(*dec, nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7), nn.Tanh())
+        self.factor = 2**n_downs
+    def forward(self, x):
+        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
+            raise ValueError(f'ResnetGenerator: image size {tuple(x.shape[-2:])} must be a multiple of {self.factor}')
+        return self.decoder(self.blocks(self.encoder(x)))
+
+# %% ../nbs/01_generator.ipynb #958adb04
+GENERATORS = dict(unet=UnetGenerator, encoder_decoder=EncoderDecoder, resnet=ResnetGenerator)
+
+def make_generator(arch=UnetGenerator, # A generator class (or callable with the same arguments), or a name in `GENERATORS`
+                   in_ch:int=3, out_ch:int=3, # Image channels in and out
+                   ngf:int=64, # Filters of the first layer
+                   norm='batch', # 'batch' | 'instance' | 'none', or a callable `nf -> nn.Module`
+                   dropout:bool=True, # Dropout (U-Net / encoder-decoder: 0.5 in the inner decoder blocks; ResNet: 0.5 in the blocks)
+                   size:int=256, # Training image size (U-Net depth; ResNet: 9 blocks from 256 px, else 6)
+                   n_blocks:int=None, # ResNet blocks (default from `size`)
+                  ) -> nn.Module:
+    "A freshly built generator of kind `arch` (not initialised: see `init_weights`)."
+    if isinstance(arch, str):
+        if arch not in GENERATORS: raise ValueError(f"generator={arch!r}: expected one of {sorted(GENERATORS)} or a generator class")
+        arch = GENERATORS[arch]
+    if isinstance(arch, type) and issubclass(arch, ResnetGenerator):
+        return arch(in_ch, out_ch, ngf, n_blocks if n_blocks is not None else (9 if size >= 256 else 6), norm, 0.5 if dropout else 0.)
+    return arch(in_ch, out_ch, ngf, norm=norm, dropout=dropout, size=size)
+
+# %% ../nbs/05_inference.ipynb #093de51a
+import pix2pix_nb
+from pathlib import Path
+from safetensors import safe_open, SafetensorError
+from safetensors.torch import save
+
+# %% ../nbs/05_inference.ipynb #41b5002e
+class ModelFileError(ValueError):
+    "A generator file that cannot be loaded (not ours, truncated, sidecar missing, architecture mismatch)"
+
+FORMAT = 'pix2pix_nb.generator/1'
+
+def _generator(obj) -> nn.Module:
+    "The generator inside a `Learner`, a `Pix2Pix`-style module with `.G`, or a bare generator"
+    m = getattr(obj, 'model', obj)
+    m = getattr(m, 'G', m)
+    if not isinstance(m, nn.Module) or not isinstance(getattr(m, 'hparams', None), dict):
+        raise ValueError(f"export_generator: {type(obj).__name__} is neither a Learner/model with `.G` nor a network with `.hparams`")
+    return m
+
+def export_generator(learn_or_model, # fastai `Learner` (its `.model.G`), a module with `.G`, or a generator with `.hparams`
+                     path, # Output file ending in `.safetensors`; the sidecar is `path.with_suffix('.json')`
+                     **meta, # Extra JSON-able facts to record (direction, size, source, epochs...)
+                    ) -> Path:
+    "Save the generator's weights as safetensors and a JSON sidecar describing how to rebuild and use it"
+    G, path = _generator(learn_or_model), Path(path)
+    if path.suffix != '.safetensors': raise ValueError(f"export_generator: {path} must end in .safetensors")
+    cls = type(G)
+    if cls not in GENERATORS.values():
+        raise ValueError(f"export_generator: {cls.__qualname__} is not one of the package's generators {[g.__name__ for g in GENERATORS.values()]}")
+    hp = G.hparams
+    info = {**dict(direction='AtoB', size=hp.get('size', 256)), **meta,
+            **dict(format=FORMAT, arch=f'pix2pix_nb.generator:{cls.__qualname__}', hparams=hp, normalization=[-1, 1],
+                   version=pix2pix_nb.__version__)}
+    try: info_json = json.dumps(info, indent=1)
+    except TypeError as e: raise ValueError(f"export_generator: metadata is not JSON-able: {e}") from None
+    sd = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
+    atomic_write(path, lambda f: f.write(save(sd, metadata={'format': FORMAT, 'arch': info['arch']})))
+    atomic_write(path.with_suffix('.json'), lambda f: f.write(info_json.encode()))
+    return path
+
+# %% ../nbs/05_inference.ipynb #f2333dae
+def _resolve_arch(arch:str, fn) -> type:
+    "The generator class named `pix2pix_nb.<module>:<Class>` in a sidecar; only the package's own generators are accepted."
+    mod, _, qual = str(arch).partition(':')
+    if not qual or not (mod == 'pix2pix_nb' or mod.startswith('pix2pix_nb.')):
+        raise ModelFileError(f"{fn}: arch {arch!r} refused: only pix2pix_nb.<module>:<Class> can be loaded")
+    known = {c.__qualname__: c for c in GENERATORS.values()}   # files from before the move name other modules
+    if qual not in known: raise ModelFileError(f"{fn}: arch {arch!r} is not a network class this package builds (one of {sorted(known)})")
+    return known[qual]
+
+def read_meta(path) -> dict:
+    "The JSON sidecar of a generator file, checked"
+    path = Path(path)
+    js = path.with_suffix('.json')
+    if not js.is_file(): raise ModelFileError(f"{path}: JSON sidecar {js.name} missing (export with export_generator)")
+    try: info = json.loads(js.read_text())
+    except (ValueError, UnicodeDecodeError) as e: raise ModelFileError(f"{js}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or info.get('format') != FORMAT or 'arch' not in info or not isinstance(info.get('hparams'), dict):
+        raise ModelFileError(f"{js}: not a pix2pix_nb generator sidecar")
+    return info
+
+def load_generator(path, # `.safetensors` file written by `export_generator` (or its `.json` sidecar)
+                   device=None, # Device for the model (default: CPU)
+                  ) -> nn.Module:
+    "Rebuild the generator from the sidecar and load its safetensors weights (no pickle); `.meta` holds the sidecar"
+    path = Path(path)
+    if path.suffix == '.json': path = path.with_suffix('.safetensors')
+    if not path.is_file(): raise FileNotFoundError(f"generator file not found: {path}")
+    info = read_meta(path)
+    cls = _resolve_arch(info['arch'], path)
+    try: model = cls(**info['hparams'])
+    except (TypeError, ValueError) as e: raise ModelFileError(f"{path}: cannot build {info['arch']} from hparams ({e})") from None
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            if (f.metadata() or {}).get('format') != FORMAT: raise ModelFileError(f"{path}: not a pix2pix_nb generator file")
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, ModelFileError): raise
+        raise ModelFileError(f"{path}: unreadable safetensors (truncated or not safetensors: {e})") from None
+    want = model.state_dict()
+    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or extra: raise ModelFileError(f"{path}: architecture mismatch: missing {missing[:3]} unexpected {extra[:3]}")
+    for k, v in want.items():
+        if v.shape != sd[k].shape:
+            raise ModelFileError(f"{path}: architecture mismatch at {k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}")
+    model.load_state_dict(sd)
+    model.meta = info
+    return model.eval().to(device or 'cpu')

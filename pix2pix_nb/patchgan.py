@@ -5,7 +5,8 @@
 # %% ../nbs/02_patchgan.ipynb #2fa4a72e
 from __future__ import annotations
 import torch, torch.nn as nn
-from .generator import get_norm, _conv_bias, n_params
+from .core import *
+from .generator import get_norm, conv_norm_act, n_params
 
 # %% auto #0
 __all__ = ['patch_block', 'conv_out_size', 'PatchDiscriminator', 'PixelDiscriminator', 'conv_stack_rf', 'receptive_field',
@@ -16,14 +17,12 @@ def patch_block(ni:int, # Input channels
                 nf:int, # Output channels
                 stride:int=2, # 2 halves the size, 1 keeps it (minus one pixel)
                 norm_layer=None, # Norm factory `nf -> nn.Module` (see `get_norm`), None for no norm
-                bias:bool|None=None, # Conv bias; default: unless `norm_layer` is a BatchNorm
+                bias:bool|None=None, # Conv bias; default `conv_bias(norm_layer)`
                 ks:int=4, # Kernel size
                 padding:int=1, # Zero padding
                ) -> list:
     "Layers of one `Ck` block: ks×ks conv → norm → LeakyReLU(0.2)"
-    layers = [nn.Conv2d(ni, nf, ks, stride, padding, bias=_conv_bias(norm_layer) if bias is None else bias)]
-    if norm_layer is not None: layers.append(norm_layer(nf))
-    return layers + [nn.LeakyReLU(0.2, True)]
+    return conv_norm_act(ni, nf, ks, stride, padding, norm_layer, nn.LeakyReLU(0.2, True), bias=bias)
 
 def conv_out_size(model:nn.Module, size:int) -> int:
     "Spatial output size of the conv chain of `model` for an input of `size` pixels (0 if too small)"

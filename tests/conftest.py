@@ -1,9 +1,8 @@
-"""Shared pytest setup: `--runslow` enables tests marked `slow`; `facades` gives the real data or skips."""
+"""Shared pytest setup: `--runslow` enables tests marked `slow`; `facades` gives the real data ($PIX2PIX_DATA/facades) or skips."""
 from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FACADES = ROOT.parent/'shared'/'data'/'facades'
 
 def pytest_addoption(parser):
     parser.addoption('--runslow', action='store_true', default=False, help='run tests marked slow')
@@ -20,5 +19,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def facades():
     "Path to the real CMP facades (pix2pix AB layout), or skip when this checkout has none."
-    if not (FACADES/'train').is_dir(): pytest.skip(f'real facades not found at {FACADES}')
-    return FACADES
+    from pix2pix_nb.data import find_facades
+    p = find_facades()
+    if p is None: pytest.skip('real facades not found (set PIX2PIX_DATA to a folder holding facades/, as `make test` does)')
+    return p

@@ -5,7 +5,8 @@ import numpy as np, pytest, torch
 from PIL import Image, ImageDraw
 from pix2pix_nb.generator import UnetGenerator
 from pix2pix_nb.inference import (export_generator, load_generator, colorize, evaluate, expand_inputs, ModelFileError,
-                                  prepare, pix2pix_colorize)
+                                  prepare)
+from pix2pix_nb.cli import pix2pix_colorize
 
 BIN = Path(sys.executable).parent
 
@@ -129,7 +130,7 @@ def test_evaluate_report(model_file, tmp_path):
     src = synthetic_facades(tmp_path/'syn', n_train=2, n_val=2, n_test=5, size=32)
     res = evaluate(load_generator(model_file[0]), src, bs=2, report=tmp_path/'rep', n_report=3)
     assert res['n'] == 5 and 0 < res['l1'] < 2 and res['fid'] is None
-    sheet = Image.open(tmp_path/'rep'/'sheet_000.png'); assert sheet.size == (96, 96)
+    sheet = Image.open(tmp_path/'rep'/'sheet_000.png'); assert sheet.size == (2 + 3 * 34, 2 + 3 * 34)   # tile: 3 columns x 3 rows of 32 px, 2 px gaps
     assert 'sheet_000.png' in (tmp_path/'rep'/'index.html').read_text()
     assert evaluate(load_generator(model_file[0]), src, n=3, fid=False)['n'] == 3
 

@@ -112,10 +112,9 @@ def test_loading_never_unpickles_objects(tmp_path, data):
 
 @pytest.mark.parametrize('precision', ['bf16', 'fp16'])
 def test_mixed_precision_trains_and_resumes(data, tmp_path, precision):
-    from pix2pix_nb.train import Precision
-    from pix2pix_nb.train import ChannelsLast
+    from pix2pix_nb.callbacks import TrainerPrecision, ChannelsLastBatches
     ck = tmp_path/'ck.pt'
-    learn = make(data, ck, extra=[Precision(precision), ChannelsLast()]); w0 = state(learn)
+    learn = make(data, ck, extra=[TrainerPrecision(precision), ChannelsLastBatches()]); w0 = state(learn)
     seen = []
     learn.add_cb(type('Spy', (Callback,), dict(after_batch=lambda self: seen.append(dict(self.learn.trainer.scalers)) if self.training else None))())
     learn.fit_linear_decay(1, 1)
@@ -141,5 +140,5 @@ def test_auto_precision_is_resolved_and_recorded(tmp_path, data):
     want = resolve_precision('auto', None, 'cpu')
     assert (cfg['precision'], cfg['channels_last']) == want
     names = {type(c).__name__ for c in learn.cbs}
-    assert ('Precision' in names) == (want[0] == 'bf16') and ('ChannelsLast' in names) == want[1]
+    assert ('TrainerPrecision' in names) == (want[0] == 'bf16') and ('ChannelsLastBatches' in names) == want[1]
     assert all(torch.isfinite(torch.tensor(v)).all() for v in learn.recorder.values[-1][:-1])
