@@ -63,6 +63,7 @@ def adam(betas:tuple=(0.5, 0.999), # The paper's betas (β1 = 0.5 steadies GAN t
     "Constructor of the torch Adam every network here is trained with (`adam()(params, lr=...)`)."
     return partial(torch.optim.Adam, betas=tuple(betas), fused=fused or None)
 
+# %% ../nbs/03_training.ipynb #f6332489
 class MultiOptimizer:
     "Several torch optimisers (one per entry of `groups`) behind fastai's optimiser interface; hyper-parameters are set on all."
     def __init__(self, groups:dict, # name -> list of parameters (what the `Learner`'s `splitter` returns)
@@ -103,6 +104,7 @@ class TrainerLoss(Metric):
     @property
     def name(self): return self.key
 
+# %% ../nbs/03_training.ipynb #be1f7749
 class AdversarialTrainer(Callback):
     "Base trainer callback: on each training batch `train_step` steps several nets with their own optimisers; generic helpers here."
     order = Callback.order # the default slot: after TrainEvalCallback/Recorder setup, before the grid/checkpoint callbacks
@@ -338,13 +340,15 @@ def pix2pix_nets(size:int=256, # Image size
                  dropout:bool=True, # Dropout in the generator
                  seed:int=None, # Seed of the initialisation (None: torch's current state)
                  generator=UnetGenerator, # Generator class (`UnetGenerator`, `EncoderDecoder`, `ResnetGenerator`) or its name
+                 upsample:str='transpose', # Decoder up-sampling of the U-Net / encoder-decoder: 'transpose' or 'resize'
                 ) -> tuple:
     "Freshly initialised (N(0, 0.02)) generator and conditional `PatchDiscriminator` (6 input channels)."
     if seed is not None: torch.manual_seed(seed)
-    G = init_weights(make_generator(generator, 3, 3, ngf, norm, dropout, size))
+    G = init_weights(make_generator(generator, 3, 3, ngf, norm, dropout, size, upsample=upsample))
     D = init_weights(PatchDiscriminator(6, ndf=ndf, n_layers=n_layers, norm=norm))
     return G, D
 
+# %% ../nbs/03_training.ipynb #e76ed1f4
 def l1_learner(dls, G:nn.Module, lr:float=2e-4, betas:tuple=(0.5, 0.999), fused:bool=True, cbs=None, **kwargs) -> Learner:
     "The regression baseline: the same generator trained with L1 alone (plain fastai `Learner`, same Adam)."
     return Learner(dls, G, loss_func=nn.L1Loss(), lr=lr, cbs=cbs, opt_func=partial(OptimWrapper, opt=adam(betas, fused)), **kwargs)

@@ -11,7 +11,7 @@ from functools import partial
 import torch, torch.nn as nn
 
 # %% auto #0
-__all__ = ['NORMS', 'GENERATORS', 'get_norm', 'conv_bias', 'conv_norm_act', 'encoder_block', 'decoder_block', 'output_block', 'n_downs_for', 'enc_channels', 'EncoderDecoder', 'UnetGenerator', 'shape_table', 'n_params', 'init_weights', 'ResnetBlock', 'ResnetGenerator', 'make_generator', 'FORMAT', 'ModelFileError', 'export_generator', 'read_meta', 'load_generator']
+__all__ = ['NORMS', 'UPSAMPLES', 'GENERATORS', 'get_norm', 'conv_bias', 'conv_norm_act', 'encoder_block', 'decoder_block', 'output_block', 'n_downs_for', 'enc_channels', 'EncoderDecoder', 'UnetGenerator', 'shape_table', 'n_params', 'init_weights', 'ResnetBlock', 'ResnetGenerator', 'make_generator', 'FORMAT', 'ModelFileError', 'export_generator', 'read_meta', 'load_generator']
 
 # %% ../nbs/01_generator.ipynb #9590c33b
 NORMS = {'batch': partial(nn.BatchNorm2d, affine=True, track_running_stats=True),
@@ -34,6 +34,7 @@ def conv_bias(norm_layer) -> bool:
     except Exception: return True
     return not (isinstance(m, nn.modules.batchnorm._BatchNorm) or getattr(m, 'bias', None) is not None)
 
+# %% ../nbs/01_generator.ipynb #9590c33b
 def conv_norm_act(ni:int, # Input channels
                   nf:int, # Output channels
                   ks:int=3, # Kernel size
@@ -68,18 +69,30 @@ def encoder_block(ni:int, # Input channels
     "4×4 stride-2 conv (halves the size) → norm → LeakyReLU(0.2)"
     return nn.Sequential(*conv_norm_act(ni, nf, 4, 2, 1, norm_layer, act if act is not None else nn.LeakyReLU(0.2, True), bias=bias))
 
+UPSAMPLES = ('transpose', 'resize')
+
+def _check_upsample(upsample):
+    if upsample not in UPSAMPLES: raise ValueError(f"upsample={upsample!r}: expected one of {list(UPSAMPLES)}")
+
 def decoder_block(ni:int, # Input channels (including concatenated skip channels)
                   nf:int, # Output channels
                   norm_layer=None, # Norm factory `nf -> nn.Module` (see `get_norm`), None for no norm
                   dropout:float=0., # Dropout probability (0.5 on the three innermost decoder blocks)
+                  upsample:str='transpose', # 'transpose': 4×4 stride-2 transposed conv (the paper's); 'resize': nearest ×2 then 3×3 conv
                  ) -> nn.Sequential:
-    "4×4 stride-2 transposed conv (doubles the size) → norm → dropout → ReLU"
+    "Doubles the size (transposed conv, or resize-then-convolve) → norm → dropout → ReLU"
+    _check_upsample(upsample)
+    if upsample == 'resize': return nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'), *conv_norm_act(ni, nf, 3, 1, 1, norm_layer, nn.ReLU(True), dropout))
     return nn.Sequential(*conv_norm_act(ni, nf, 4, 2, 1, norm_layer, nn.ReLU(True), dropout, transpose=True))
 
+# %% ../nbs/01_generator.ipynb #2fd1f0c3
 def output_block(ni:int, # Input channels
                  out_ch:int=3, # Image channels
+                 upsample:str='transpose', # As in `decoder_block`
                 ) -> nn.Sequential:
-    "Last 4×4 stride-2 transposed conv → tanh: an image in [-1, 1]"
+    "Last up-sampling (4×4 stride-2 transposed conv, or nearest ×2 + 3×3 conv) → tanh: an image in [-1, 1]"
+    _check_upsample(upsample)
+    if upsample == 'resize': return nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'), nn.Conv2d(ni, out_ch, 3, 1, 1), nn.Tanh())
     return nn.Sequential(nn.ConvTranspose2d(ni, out_ch, 4, 2, 1), nn.Tanh())
 
 # %% ../nbs/01_generator.ipynb #6ca78a93
@@ -106,6 +119,7 @@ class EncoderDecoder(nn.Module):
                  norm='batch', # 'batch' | 'instance' | 'none', or a callable `nf -> nn.Module`
                  dropout:bool=True, # Dropout 0.5 in the three innermost decoder blocks
                  size:int=256, # Image size used to pick `n_downs` (any power of two 32..1024)
+                 upsample:str='transpose', # Decoder up-sampling: 'transpose' (the paper's) or 'resize' (no checkerboard; see below)
                 ):
         super().__init__()
         nl = get_norm(norm)
@@ -115,7 +129,7 @@ class EncoderDecoder(nn.Module):
             if not isinstance(v, int) or v < 1: raise ValueError(f"{k}={v!r}: need a positive int")
         self.hparams = dict(in_ch=in_ch, out_ch=out_ch, ngf=ngf, n_downs=n_downs,
                             norm=norm if isinstance(norm, str) else getattr(norm, '__name__', repr(norm)),
-                            dropout=bool(dropout), size=size)
+                            dropout=bool(dropout), size=size, upsample=upsample)
         ch, m, bias = enc_channels(n_downs, ngf), 2 if self.skips else 1, conv_bias(nl)
         self.encoder = nn.ModuleList(   # the norm-less first and innermost convs follow the net's bias rule (as the reference)
             [encoder_block(in_ch, ch[0], bias=bias)] +
@@ -123,9 +137,9 @@ class EncoderDecoder(nn.Module):
             [encoder_block(ch[-2], ch[-1], None, nn.ReLU(True), bias=bias)])
         # decoder[0] is the innermost; decoder[j] outputs the channels of encoder block n_downs-2-j
         self.decoder = nn.ModuleList(
-            [decoder_block(ch[-1] if j == 0 else ch[n_downs-1-j]*m, ch[n_downs-2-j], nl, 0.5 if dropout and j < 3 else 0.)
+            [decoder_block(ch[-1] if j == 0 else ch[n_downs-1-j]*m, ch[n_downs-2-j], nl, 0.5 if dropout and j < 3 else 0., upsample)
              for j in range(n_downs-1)])
-        self.out = output_block(ch[0]*m, out_ch)
+        self.out = output_block(ch[0]*m, out_ch, upsample)
         self.min_size = 2**n_downs
 
     def check_input(self, x):
@@ -143,6 +157,7 @@ class EncoderDecoder(nn.Module):
             if self.skips: x = torch.cat([x, feats.pop()], 1)
         return self.out(x)
 
+# %% ../nbs/01_generator.ipynb #010f8c99
 class UnetGenerator(EncoderDecoder):
     "pix2pix U-Net: encoder-decoder whose decoder block i also sees the output of its mirror encoder block"
     skips = True
@@ -228,14 +243,16 @@ def make_generator(arch=UnetGenerator, # A generator class (or callable with the
                    dropout:bool=True, # Dropout (U-Net / encoder-decoder: 0.5 in the inner decoder blocks; ResNet: 0.5 in the blocks)
                    size:int=256, # Training image size (U-Net depth; ResNet: 9 blocks from 256 px, else 6)
                    n_blocks:int=None, # ResNet blocks (default from `size`)
+                   upsample:str='transpose', # U-Net / encoder-decoder up-sampling: 'transpose' or 'resize' (see `decoder_block`)
                   ) -> nn.Module:
     "A freshly built generator of kind `arch` (not initialised: see `init_weights`)."
     if isinstance(arch, str):
         if arch not in GENERATORS: raise ValueError(f"generator={arch!r}: expected one of {sorted(GENERATORS)} or a generator class")
         arch = GENERATORS[arch]
     if isinstance(arch, type) and issubclass(arch, ResnetGenerator):
+        if upsample != 'transpose': raise ValueError(f"upsample={upsample!r}: the ResNet generator has only transposed convolutions")
         return arch(in_ch, out_ch, ngf, n_blocks if n_blocks is not None else (9 if size >= 256 else 6), norm, 0.5 if dropout else 0.)
-    return arch(in_ch, out_ch, ngf, norm=norm, dropout=dropout, size=size)
+    return arch(in_ch, out_ch, ngf, norm=norm, dropout=dropout, size=size, upsample=upsample)
 
 # %% ../nbs/05_inference.ipynb #093de51a
 import pix2pix_nb

@@ -39,6 +39,7 @@ def _check_int(**kw):
     for k, v in kw.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f"{k}={v!r}: need a positive int")
 
+# %% ../nbs/02_patchgan.ipynb #e70571e1
 class PatchDiscriminator(nn.Sequential):
     "PatchGAN: a grid of real/fake logits, one per overlapping input patch (70×70 for `n_layers=3`)"
     def __init__(self,
@@ -65,6 +66,7 @@ class PatchDiscriminator(nn.Sequential):
                              f"with H, W >= {self.min_size} (concatenate input and image first: D(torch.cat([A, B], 1)))")
         return super().forward(x)
 
+# %% ../nbs/02_patchgan.ipynb #e70571e1
 class PixelDiscriminator(nn.Sequential):
     "PixelGAN: 1×1 convolutions only, so every output cell judges one pixel (the paper's 1×1 patch)"
     def __init__(self,

@@ -49,6 +49,7 @@ def _jitter(rng, col, s=10):
     return tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(col, rng.integers(-s, s + 1, 3)))
 
 # %% ../nbs/00a_synthetic.ipynb #888fd95b
+#| code-fold: true
 def facade_spec(rng:np.random.Generator, # Random generator: the only source of randomness of one building
                ) -> dict:
     "Design one building in unit coordinates (x right, y down, both in [0, 1]): resolution independent."
@@ -150,6 +151,7 @@ def _sky_and_ground(p, S):
     img = np.where(y < p['ground_y'], img, ground)
     return np.broadcast_to(img[:, None, :], (S, S, 3)).copy()
 
+# %% ../nbs/00a_synthetic.ipynb #af3f7d48
 def _wall_texture(p, S, h, w):
     "Material texture of an `h`x`w` wall: (per-pixel shade factor, joint-line mask) -- the joints are what the sketch shows"
     m = p['material']
@@ -174,6 +176,7 @@ def _wall_texture(p, S, h, w):
         if m == 'stone': shade = np.where(lines, .72, shade)                   # dark joints
     return shade, lines
 
+# %% ../nbs/00a_synthetic.ipynb #af3f7d48
 def _glass_wall(p, cv, x0, y0, x1, y1):
     "Curtain wall: glass panels between a dense grid of mullions"
     S = cv.S
@@ -200,6 +203,7 @@ def _glass_wall(p, cv, x0, y0, x1, y1):
                 cv.ds.line((x0, yy_, x1, yy_), fill=0, width=cv.lw)
 
 # %% ../nbs/00a_synthetic.ipynb #26826dd7
+#| code-fold: true
 def _window(p, cv, x0, y0, x1, y1, sill=True):
     "A framed window (unit box) with mullions, and optional arch, lintel, shutters and sill"
     w, h, S = x1 - x0, y1 - y0, cv.S
@@ -239,6 +243,7 @@ def _window(p, cv, x0, y0, x1, y1, sill=True):
         cv.rect(sb, p['trim'], 'sill')
         cv.dp.line((sb[0], sb[3] + 1, sb[2], sb[3] + 1), fill=_shade(p['wall'], .6))   # cast shadow
 
+# %% ../nbs/00a_synthetic.ipynb #26826dd7
 def _balcony(p, cv, x0, x1, y):
     "Slab at floor line `y` with a railing of vertical bars, from `x0` to `x1` (unit coords)"
     h = p['floor_h']
@@ -267,6 +272,7 @@ def _door(p, cv, x0, y0, x1, y1):
         if pb[2] > pb[0] and pb[3] > pb[1]:
             cv.dp.rectangle(pb, fill=_shade(p['door_col'], .8)); cv.ds.rectangle(pb, outline=0, width=cv.lw)
 
+# %% ../nbs/00a_synthetic.ipynb #26826dd7
 def _shop(p, cv, x0, y0, x1, y1):
     "A shop front: sign band, big glazing with a central door post, and a striped awning"
     b = cv.box(x0, y0, x1, y1)
@@ -296,6 +302,7 @@ def _cornice(p, cv, y, ch, x0, x1):
     cv.dp.line((b[0], b[3] + 1, b[2], b[3] + 1), fill=_shade(p['wall'], .55))   # shadow under the band
 
 # %% ../nbs/00a_synthetic.ipynb #8cbcd80f
+#| code-fold: true
 def render_facade(p:dict, # A design from `facade_spec`
                   size:int=256, # Output size in pixels (square)
                  ) -> tuple: # (sketch 'L' 0/255, photo 'RGB', labels 'P' with the CMP palette)
@@ -397,6 +404,7 @@ def synthetic_triple(i:int, # Index of the image within its split
 
 def _save_png(img, fn): img.save(fn, format='PNG', compress_level=1)
 
+# %% ../nbs/00a_synthetic.ipynb #0406ebce
 def synthetic_facades(dest, # Output folder (created)
                       n_train:int=400, # Training pairs
                       n_val:int=100, # Validation pairs

@@ -69,6 +69,7 @@ def start_run(out, # Run folder
     return SimpleNamespace(out=out, epochs=epochs, epochs_decay=epochs_decay, dev=dev, precision=precision, channels_last=channels_last,
                            resume=resume, distributed=distributed, main=is_main_process(), seed=seed)
 
+# %% ../nbs/03c_fit.ipynb #137706a1
 def run_callbacks(run:SimpleNamespace, # From `start_run`
                   save_every:int, # Checkpoint every N epochs
                   grids:list, # Epoch-grid callbacks (main process only)
@@ -81,6 +82,7 @@ def run_callbacks(run:SimpleNamespace, # From `start_run`
     if run.distributed: cb.append(DistributedGAN())
     return cb + list(L(cbs))
 
+# %% ../nbs/03c_fit.ipynb #137706a1
 def run_fit(learn:Learner, run:SimpleNamespace, # The learner and its run
             lr:float, # Initial learning rate
             config:dict, # What to record in out/config.json (with the run's resolved settings)
@@ -121,6 +123,7 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
         gan_loss='vanilla', # 'vanilla' (BCE), 'lsgan', or a `loss(logits, real)` callable
         direction:str='AtoB', # 'AtoB' (A is the input) or 'BtoA'
         generator='unet', # Generator: 'unet', 'encoder_decoder', 'resnet' or a generator class (see `make_generator`)
+        upsample:str='transpose', # Decoder up-sampling: 'transpose' (the paper's) or 'resize' (no checkerboard artefacts)
         ngf:int=64, ndf:int=64, # Width of the generator / discriminator
         n_layers:int=3, # PatchGAN depth (3: 70x70 patches)
         norm:str='batch', # 'batch', 'instance' or 'none'
@@ -146,19 +149,18 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
     run = start_run(out, epochs, epochs_decay, device, precision, channels_last, resume, distributed, seed,
                     size=size, bs=bs, save_every=save_every, grid_every=grid_every, n_grid=n_grid)
     gan_loss = get_gan_loss(gan_loss)
-    G, D = pix2pix_nets(size, ngf, ndf, n_layers, norm, dropout, generator=generator)   # cheap checks (size, norm) before the data
+    G, D = pix2pix_nets(size, ngf, ndf, n_layers, norm, dropout, generator=generator, upsample=upsample)   # cheap checks (size, norm) before the data
     dls = pix2pix_dls(source, size=size, bs=bs, direction=direction, load_size=load_size, seed=seed, num_workers=num_workers, device=run.dev)
     progress = default_progress() if progress is None else progress
     grids = [EpochGrid(n_grid, run.out, every=grid_every, widget=None if progress else False)]
     learn = pix2pix_learner(dls, G, D, lambda_l1=lambda_l1, gan_loss=gan_loss, lr=lr, test_dropout=test_dropout,
                             cbs=run_callbacks(run, save_every, grids, cbs))
     cfg = dict(source=str(source), size=size, bs=bs, lr=lr, lambda_l1=lambda_l1, gan_loss=getattr(gan_loss, '__name__', str(gan_loss)),
-               direction=direction, generator=getattr(generator, '__name__', str(generator)), ngf=ngf, ndf=ndf, n_layers=n_layers,
+               direction=direction, generator=getattr(generator, '__name__', str(generator)), upsample=upsample, ngf=ngf, ndf=ndf, n_layers=n_layers,
                norm=norm, dropout=dropout, test_dropout=test_dropout, load_size=load_size)
     exp = lambda l: export_generator(l, run.out/'generator.safetensors', direction=direction, size=size, source=str(source),
                                      epochs=epochs, test_dropout=test_dropout)
     return run_fit(learn, run, lr, cfg, progress, exp if export else None)
-
 
 # %% ../nbs/03c_fit.ipynb #a6135537
 def demo(out='runs/demo', # Output folder
