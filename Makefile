@@ -11,13 +11,14 @@ ifneq ($(wildcard ../shared/data/facades/train),)
 export PIX2PIX_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: help install demo test test-fast test-slow export check-export check-clean nbtest pytest readme clean-nbs bench docs-preview
+.PHONY: help install demo showcase test test-fast test-slow export check-export check-clean nbtest pytest readme clean-nbs bench docs-preview
 
 help:
 	@echo "make demo        - set up .venv and run the demo (writes runs/demo/)"
 	@echo "make test        - set up .venv, check exports/notebooks are clean, nbdev_test, pytest"
 	@echo "make test-slow   - also run cells flagged #| slow and tests marked slow"
 	@echo "make readme      - regenerate README.md from nbs/index.ipynb"
+	@echo "make showcase    - train the real-facades CPU recipe (~45 min alone on 2 cores), write nbs/images/showcase_*"
 	@echo "make bench       - run benchmarks/ and rewrite BENCHMARKS.md"
 	@echo "make docs-preview- render the docs locally to _docs_preview/ and browser-test them"
 
@@ -31,6 +32,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/pix2pix_demo --out runs/demo
+
+# The real-facades showcase: the `facades-cpu` recipe on label sketches of the CMP facades, the L1-alone baseline,
+# held-out metrics and the sheets shown in chapter 03c and the README. Needs PIX2PIX_DATA (set above when
+# ../shared/data exists) or a get_facades() download. Run it alone: its wall times are part of the result.
+showcase: $(STAMP)
+	$(BIN)/python tools/showcase.py --out runs/showcase --images nbs/images
 
 # The library must be exactly what the notebooks export, and notebooks must be stored clean.
 check-export: $(STAMP)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from .core import *
 import sys, inspect, argparse, typing
 from pathlib import Path
+from types import SimpleNamespace
 from fastcore.docments import docments
 from fastcore.script import anno_parser, Param
 from .generator import load_generator, ModelFileError
@@ -16,8 +17,9 @@ from .cyclegan import fit_cyclegan, facades_unpaired
 from .inference import expand_inputs, colorize_files
 
 # %% auto #0
-__all__ = ['TRAIN_API_ONLY', 'CYCLEGAN_API_ONLY', 'CYCLEGAN_PRESETS', 'OneLineParser', 'cli_parser', 'merge_preset', 'run_cli',
-           'pix2pix_train', 'pix2pix_demo', 'pix2pix_cyclegan', 'colorize_cli', 'pix2pix_colorize']
+__all__ = ['EXIT_INTERRUPTED', 'TRAIN_API_ONLY', 'CYCLEGAN_API_ONLY', 'CYCLEGAN_PRESETS', 'OneLineParser', 'cli_parser',
+           'merge_preset', 'run_cli', 'pix2pix_train', 'pix2pix_demo', 'pix2pix_cyclegan', 'colorize_cli',
+           'pix2pix_colorize']
 
 # %% ../nbs/06_cli.ipynb #ff304f9b
 class OneLineParser(argparse.ArgumentParser):
@@ -66,6 +68,9 @@ def merge_preset(presets:dict, # Named presets
     if 'epochs' in explicit and 'epochs_decay' not in explicit: cfg.pop('epochs_decay', None)
     return {**cfg, **explicit}
 
+import re, signal
+EXIT_INTERRUPTED = 130 # 128 + SIGINT, the shells' "interrupted" status: also after SIGTERM, once the checkpoint is saved
+
 def run_cli(f, # The function to call with the parsed flags
             prog:str, # Program name, the prefix of error lines
             argv:list=None, # Arguments (default: sys.argv[1:])
@@ -73,18 +78,29 @@ def run_cli(f, # The function to call with the parsed flags
             adapt=None, # Optional `adapt(kwargs) -> kwargs` before the call (e.g. resume 'last')
             description:str=None, # Program help text
            ) -> int:
-    "Parse `argv` for `f`, merge a preset, call `f`; one-line errors: 2 for bad flags or data, 1 for a diverged run."
+    "Parse `argv` for `f`, merge a preset, call `f`. Exit status: 0 done; 2 bad flags or data, or the output folder in use; 1 a diverged run or a failed write (disk full); 130 interrupted (Ctrl-C / SIGTERM: checkpoint saved, rerun with `--resume last`). Errors are one line."
     p = cli_parser(f, prog, api_only, presets, docs_from, description)
     kw = vars(p.parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv]))
+    err = lambda e, code: (print(f'{prog}: error: {_one_line(e)}', file=sys.stderr), code)[1]
     try:
         if presets: kw = merge_preset(presets, kw.pop('preset', None), kw)
         if adapt is not None: kw = adapt(kw)
-        f(**kw)
-    except (ValueError, FileNotFoundError, CheckpointError) as e: print(f'{prog}: error: {_one_line(e)}', file=sys.stderr); return 2
-    except NonFiniteLossError as e: print(f'{prog}: error: {_one_line(e)}', file=sys.stderr); return 1
+        res = f(**kw)
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e: return err(e, 2) # FileExistsError: `RunLockedError`
+    except (NonFiniteLossError, OSError) as e: return err(e, 1) # OSError: `CheckpointWriteError` (disk full), permissions
+    except KeyboardInterrupt: # a second Ctrl-C, or one before training started: nothing new was saved
+        print(f'\n{prog}: interrupted', file=sys.stderr); return EXIT_INTERRUPTED
+    if isinstance(res, dict): res = SimpleNamespace(**res)   # `demo` returns its metrics dict
+    if getattr(res, 'interrupted', False):
+        sig = getattr(res, 'stop_signal', None)
+        name = signal.Signals(sig).name if sig in set(signal.Signals) else 'a signal'
+        print(f'{prog}: interrupted by {name}: checkpoint saved; run the same command with --resume last to continue', file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
-def _one_line(e): return ' '.join(str(e).split())
+def _one_line(e):
+    "The message of `e` on one line, without the prefix fastai adds to errors raised inside callbacks."
+    return re.sub(r'^Exception occured in `\w+` when calling event `\w+`:\s*', '', ' '.join(str(e).split()))
 
 # %% ../nbs/06_cli.ipynb #b344d581
 TRAIN_API_ONLY = ('cbs',)       # callbacks are Python objects

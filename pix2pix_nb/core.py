@@ -4,11 +4,11 @@
 
 # %% ../nbs/00_core.ipynb #f28ca6b8
 from __future__ import annotations
-import os, warnings, tempfile, contextlib
+import os, re, warnings, tempfile, contextlib
 from pathlib import Path
 import numpy as np
 import matplotlib.pyplot as plt
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 # fastai's import-time `torch.jit.script` calls warn on torch >= 2.10: a notice for fastai, not for our users.
 # This module is imported before fastai everywhere in pix2pix_nb, so the filter is in place in time.
 warnings.filterwarnings('ignore', message=r'.*torch\.jit\.script.* is deprecated', category=FutureWarning)
@@ -18,9 +18,7 @@ from torchvision.utils import make_grid
 from fastcore.imports import IN_NOTEBOOK
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'SPLITS', 'DataError', 'DataNotFoundError', 'data_home', 'plain_file_mode', 'atomic_write',
-           'pil_to_tensor', 'denorm', 'to_pil', 'tile', 'get_device', 'set_dropout', 'inference_mode', 'is_distributed',
-           'is_main_process', 'any_rank', 'show_images']
+__all__ = ['IMAGE_EXTS', 'SPLITS', 'DataError', 'DataNotFoundError', 'data_home', 'plain_file_mode', 'atomic_write', 'pil_to_tensor', 'denorm', 'to_pil', 'tile', 'get_device', 'set_dropout', 'inference_mode', 'is_distributed', 'is_main_process', 'any_rank', 'show_images', 'load_rgb', 'image_files', 'image_size']
 
 # %% ../nbs/00_core.ipynb #8c4507fb
 class DataError(ValueError):
@@ -164,3 +162,82 @@ def show_images(ims:list, # PIL images or arrays
             ax.imshow(ims[i], cmap='gray', vmin=0, vmax=255)
             if titles: ax.set_title(titles[i], fontsize=9)
     plt.tight_layout(); plt.show()
+
+# %% ../nbs/00_data.ipynb #b982137b
+def _to_8bit(img):
+    "Rescale 16/32-bit grey and float images to 8-bit 'L' (PIL's own `convert` would clip them to white)"
+    a = np.asarray(img)
+    if img.mode == 'F': a = a * 255 if a.size and a.max() <= 1 else a
+    elif a.size and a.max() > 255: a = a / 257
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+_ORIENTATION = 0x0112 # EXIF tag: 1 = upright; 5..8 = rotated by 90° (width and height swap)
+
+def _orientation(img:Image.Image) -> int:
+    "The EXIF orientation of `img` (1 when absent or unreadable); reads the header only."
+    try: o = img.getexif().get(_ORIENTATION, 1)
+    except Exception: return 1 # a broken EXIF block: show the pixels as stored
+    return o if isinstance(o, int) and 1 <= o <= 8 else 1
+
+def _too_big(name, px, dims='') -> DataError:
+    return DataError(f'image {name} is {dims}{px / 1e6:.1f} Mpx, above the {Image.MAX_IMAGE_PIXELS / 1e6:.1f} Mpx limit (possibly a decompression bomb; '
+                     f'downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS to read it anyway)')
+
+def _check_pixels(size, name):
+    "`DataError` naming `name` for a zero-area image or one above PIL's `MAX_IMAGE_PIXELS` (decompression bombs)"
+    w, h = size
+    if w < 1 or h < 1: raise DataError(f'image {name} is {w}x{h}: it has no pixels')
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS: raise _too_big(name, w * h, f'{w}x{h} = ')
+
+def _open(fn) -> Image.Image:
+    "`Image.open` (header only) with PIL's errors and bomb warnings turned into one-line `DataError`s naming `fn`"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning) # `_check_pixels` refuses these itself
+            img = Image.open(fn)
+    except Image.DecompressionBombError as e: # PIL refuses above twice the limit, before we see the size
+        px = re.search(r'\((\d+) pixels\)', str(e))
+        raise _too_big(fn, int(px[1]) if px else 2 * Image.MAX_IMAGE_PIXELS) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f'cannot read image {fn}: {e}') from None
+    try: _check_pixels(img.size, fn)
+    except DataError: img.close(); raise
+    return img
+
+def load_rgb(src, # Path of an image file, or a PIL image
+             bg=(255, 255, 255), # Colour that transparent pixels are composited onto
+            ) -> Image.Image:
+    "Open `src` as an upright (EXIF orientation applied) RGB PIL image, whatever its mode (1, L, P, LA, RGBA, CMYK, I;16, I, F); a clear `DataError` if unreadable or too big."
+    if isinstance(src, Image.Image): img, name = src, getattr(src, 'filename', '') or '(in memory)'; _check_pixels(img.size, name)
+    else:
+        src = Path(src)
+        if not src.is_file(): raise DataNotFoundError(f'image not found: {src}')
+        img, name = _open(src), src
+    try: img.load() # decode now (a lazily opened PIL image too): truncated data fails here
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if img is not src: img.close()
+        raise DataError(f'cannot read image {name}: {e}') from None
+    if _orientation(img) != 1:
+        try: img = ImageOps.exif_transpose(img)
+        except Exception as e: raise DataError(f'cannot apply the EXIF orientation of image {name}: {e}') from None
+    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'): img = _to_8bit(img)
+    if img.mode == 'P': img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
+    if img.mode in ('LA', 'La', 'PA', 'RGBa'): img = img.convert('RGBA')
+    if img.mode == 'RGBA':
+        out = Image.new('RGB', img.size, bg); out.paste(img, mask=img.getchannel('A')); return out
+    return img if img.mode == 'RGB' else img.convert('RGB')
+
+# %% ../nbs/00_data.ipynb #630d846f
+def image_files(folder, # Folder to list (not recursive)
+               ) -> list:
+    "Image files of `folder`, sorted by name (numbers in natural order: 2.jpg before 10.jpg)"
+    folder = Path(folder)
+    if not folder.is_dir(): raise DataNotFoundError(f'folder not found: {folder}')
+    fs = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith('.')]
+    return sorted(fs, key=lambda f: (0, int(f.stem), '') if f.stem.isdigit() else (1, 0, f.stem))
+
+def image_size(fn) -> tuple:
+    "(width, height) of image file `fn` as displayed (EXIF orientation applied), from its header only (cheap); `DataError` naming `fn` if it is not an image, has no pixels or is too big"
+    with _open(fn) as im:
+        w, h = im.size
+        return (h, w) if _orientation(im) in (5, 6, 7, 8) else (w, h)

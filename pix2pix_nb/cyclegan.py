@@ -246,12 +246,15 @@ class ImagePool:
             else: out.append(img)
         return torch.cat(out)
     def state_dict(self) -> dict:
-        "Stored fakes and the private RNG's state."
+        "Stored fakes and the private RNG's state (what a checkpoint needs to continue the same swaps)."
         return dict(images=torch.cat(self.images) if self.images else None,
                     rng=None if self.rng is random else self.rng.getstate())
-    def load_state_dict(self, sd:dict):
-        self.images = list(sd['images'].split(1)) if sd['images'] is not None else []
-        if sd['rng'] is not None and self.rng is not random: self.rng.setstate(sd['rng'])
+    def load_state_dict(self, sd:dict, device=None):
+        "Restore `state_dict`'s fakes (moved to `device`, e.g. the model's) and RNG state."
+        imgs = sd['images'] if device is None or sd['images'] is None else sd['images'].to(device)
+        self.images = list(imgs.split(1))[:self.size] if imgs is not None else []
+        if sd['rng'] is not None and self.rng is not random: # a checkpoint may hold lists where getstate() had tuples
+            v, st, g = sd['rng']; self.rng.setstate((v, tuple(st), g))
 
 # %% ../nbs/04_cyclegan.ipynb #e28096e2
 class CycleGAN(nn.Module):
@@ -279,6 +282,14 @@ class CycleGANTrainer(AdversarialTrainer):
         super().__init__(names)
         self.lambda_a, self.lambda_b, self.lambda_idt, self.gan_loss = lambda_a, lambda_b, lambda_idt, get_gan_loss(gan_loss)
         self.pools = dict(fake_A=ImagePool(pool_size, seed), fake_B=ImagePool(pool_size, None if seed is None else seed + 1))
+
+    def extra_state(self) -> dict:
+        "What steers the run besides weights and optimisers, for `save_checkpoint`: both image pools (fakes and random generators)."
+        return dict(pools={k: p.state_dict() for k, p in self.pools.items()})
+    def load_extra_state(self, st:dict):
+        "Restore `extra_state` (called by `load_checkpoint`); the fakes go to the model's device."
+        dev = next(self.learn.model.parameters()).device
+        for k, p in self.pools.items(): p.load_state_dict(st['pools'][k], device=dev)
 
     def train_step(self):
         G_A, G_B, D_A, D_B = (self.nets[k] for k in ('G_A', 'G_B', 'D_A', 'D_B'))

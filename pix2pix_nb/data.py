@@ -5,16 +5,19 @@
 # %% ../nbs/00_data.ipynb #13dc778f
 from __future__ import annotations
 from .core import *
-import os, io, sys, json, shutil, tarfile, warnings, hashlib, functools, random, tempfile
+import os, io, re, sys, json, shutil, tarfile, warnings, hashlib, functools, random, tempfile
 from collections import namedtuple
 from zlib import error as zlib_error
 from pathlib import Path
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageDraw, ImageOps, UnidentifiedImageError
+from scipy import ndimage as ndi
+from skimage import feature, morphology
 from fastcore.basics import store_attr, ifnone
 from fastai.data.block import DataBlock, TransformBlock, FuncSplitter, RandomSplitter
 from fastai.data.core import TfmdDL
+from fastai.data.load import SkipItemException
 from fastai.torch_core import default_device, TensorImage
 from fastai.data.transforms import Transform
 from fastai.vision.core import PILImage
@@ -22,53 +25,10 @@ from fastai.vision.augment import RandTransform
 from .synthetic import *
 
 # %% auto #0
-__all__ = ['Pair', 'FACADES_URL', 'FACADES_COUNTS', 'load_rgb', 'image_files', 'image_size', 'split_ab', 'find_pairs',
-           'load_pair', 'PairGetter', 'PairJitter', 'ToMinusOneOne', 'PairImageBlock', 'photo_to_sketch',
-           'sketch_dataset', 'pair_block', 'block_dl', 'pix2pix_dls', 'pair_dl', 'UnsafeArchiveError', 'safe_extract',
-           'find_facades', 'get_facades']
-
-# %% ../nbs/00_data.ipynb #b982137b
-def _to_8bit(img):
-    "Rescale 16/32-bit grey and float images to 8-bit 'L' (PIL's own `convert` would clip them to white)"
-    a = np.asarray(img)
-    if img.mode == 'F': a = a * 255 if a.size and a.max() <= 1 else a
-    elif a.size and a.max() > 255: a = a / 257
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
-
-def load_rgb(src, # Path of an image file, or a PIL image
-             bg=(255, 255, 255), # Colour that transparent pixels are composited onto
-            ) -> Image.Image:
-    "Open `src` as an RGB PIL image, whatever its mode (1, L, P, LA, RGBA, CMYK, I;16, I, F); a clear `DataError` if unreadable."
-    if isinstance(src, Image.Image): img = src
-    else:
-        src = Path(src)
-        if not src.is_file(): raise DataNotFoundError(f'image not found: {src}')
-        try:
-            img = Image.open(src); img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise DataError(f'cannot read image {src}: {e}') from None
-    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'): img = _to_8bit(img)
-    if img.mode == 'P': img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
-    if img.mode in ('LA', 'La', 'PA', 'RGBa'): img = img.convert('RGBA')
-    if img.mode == 'RGBA':
-        out = Image.new('RGB', img.size, bg); out.paste(img, mask=img.getchannel('A')); return out
-    return img if img.mode == 'RGB' else img.convert('RGB')
-
-# %% ../nbs/00_data.ipynb #630d846f
-def image_files(folder, # Folder to list (not recursive)
-               ) -> list:
-    "Image files of `folder`, sorted by name (numbers in natural order: 2.jpg before 10.jpg)"
-    folder = Path(folder)
-    if not folder.is_dir(): raise DataNotFoundError(f'folder not found: {folder}')
-    fs = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith('.')]
-    return sorted(fs, key=lambda f: (0, int(f.stem), '') if f.stem.isdigit() else (1, 0, f.stem))
-
-def image_size(fn) -> tuple:
-    "(width, height) of image file `fn` from its header only (cheap); `DataError` naming `fn` if it is not an image"
-    try:
-        with Image.open(fn) as im: return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f'cannot read image {fn}: {e}') from None
+__all__ = ['Pair', 'SKETCH_METHODS', 'FACADES_URL', 'FACADES_COUNTS', 'split_ab', 'find_pairs', 'load_pair', 'PairGetter',
+           'PairJitter', 'ToMinusOneOne', 'PairImageBlock', 'photo_to_sketch', 'cmp_classes', 'outlines',
+           'labels_to_sketch', 'sketch_dataset', 'facades_sketch_path', 'pair_block', 'block_dl', 'pix2pix_dls',
+           'pair_dl', 'UnsafeArchiveError', 'safe_extract', 'find_facades', 'get_facades']
 
 # %% ../nbs/00_data.ipynb #d6971864
 Pair = namedtuple('Pair', 'a b split', defaults=(None, 'train'))
@@ -151,10 +111,13 @@ def load_pair(pair:Pair, # A record from `find_pairs`
     return load_rgb(pair.a), load_rgb(pair.b)
 
 class PairGetter:
-    "Picklable getter: side `i` (0 = A, 1 = B) of a `Pair`, as a fastai `PILImage` (reads only the file it needs)"
-    def __init__(self, i:int): self.i = i
+    "Picklable getter: side `i` (0 = A, 1 = B) of a `Pair`, as a fastai `PILImage` (reads only the file it needs); `skip_bad`: an unreadable file is skipped with a warning"
+    def __init__(self, i:int, skip_bad:bool=False): self.i, self.skip_bad = i, skip_bad
     def __call__(self, pair):
-        return PILImage(load_pair(pair)[self.i] if pair.b is None else load_rgb(pair[self.i]))
+        try: return PILImage(load_pair(pair)[self.i] if pair.b is None else load_rgb(pair[self.i]))
+        except DataError as e:
+            if not self.skip_bad: raise
+            warnings.warn(f'skipping {e}'); raise SkipItemException from None # the DataLoader drops the item, the batch goes on
 
 # %% ../nbs/00_data.ipynb #e42699c1
 class PairJitter(RandTransform):
@@ -212,7 +175,6 @@ def photo_to_sketch(img, # Photo: path or PIL image (any mode)
                     width:int=1, # Line width in pixels after thinning
                    ) -> Image.Image:
     "Binary line drawing of a photo: Canny edges (quantile hysteresis) -> 1-pixel skeleton -> cleaned; mode 'L', black (0) lines on white (255)"
-    from skimage import feature, morphology
     if not 0 < density < low <= 1: raise DataError(f'density={density}, low={low}: need 0 < density < low <= 1')
     img = load_rgb(img)
     if size is not None: img = img.resize((size, size), Image.BICUBIC)
@@ -223,40 +185,119 @@ def photo_to_sketch(img, # Photo: path or PIL image (any mode)
     if width > 1: lines = morphology.dilation(lines, np.ones((width, width), bool))
     return Image.fromarray(np.where(lines, 0, 255).astype(np.uint8), 'L')
 
+# %% ../nbs/00_data.ipynb #25a05206
+_CMP_PAL = np.array(CMP_COLORS, np.float32)
+
+def cmp_classes(labels, # CMP label map: path or PIL image (colour-coded, JPEG-blurred colours are fine)
+                min_area:int=16, # Regions of at most this many pixels are merged into their neighbours
+               ) -> np.ndarray:
+    "Class index (0..12, see `CMP_CLASSES`) of every pixel of a colour-coded CMP label map, cleaned of JPEG slivers and specks"
+    a = np.asarray(load_rgb(labels), np.float32)
+    lab = ((a[:, :, None, :] - _CMP_PAL[None, None]) ** 2).sum(-1).argmin(-1)      # nearest class colour
+    keep = np.zeros(lab.shape, bool)
+    for k in np.unique(lab):
+        m = ndi.binary_opening(lab == k, np.ones((3, 3), bool))                    # slivers between two classes go
+        keep |= morphology.remove_small_objects(m, max_size=min_area, connectivity=1)
+    if not keep.any(): return lab
+    if not keep.all():                                                              # dropped pixels: nearest kept class
+        iy, ix = ndi.distance_transform_edt(~keep, return_distances=False, return_indices=True)
+        lab = lab[iy, ix]
+    return lab
+
+def outlines(lab:np.ndarray, # Class map (H, W) of integers
+             width:int=1, # Line width in pixels
+            ) -> Image.Image:
+    "Black one-pixel lines (on white) wherever neighbouring pixels of `lab` differ: closed outlines of every region"
+    edge = np.zeros(lab.shape, bool)
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge[1:, :] |= lab[1:, :] != lab[:-1, :]
+    if width > 1: edge = morphology.dilation(edge, np.ones((width, width), bool))
+    return Image.fromarray(np.where(edge, 0, 255).astype(np.uint8), 'L')
+
+def labels_to_sketch(labels, # CMP label map: path or PIL image
+                     size:int=None, # Output size (square, nearest-neighbour on the classes); None: the map's own size
+                     min_area:int=16, # Regions of at most this many pixels (at the map's size) are merged away
+                     width:int=1, # Line width in pixels
+                    ) -> Image.Image:
+    "A clean 1-bit architectural line drawing of a CMP label map: closed outlines of each element, no specks; mode 'L'"
+    lab = cmp_classes(labels, min_area)
+    if size is not None: lab = np.asarray(Image.fromarray(lab.astype(np.uint8)).resize((size, size), Image.NEAREST))
+    return outlines(lab, width)
+
 # %% ../nbs/00_data.ipynb #b4f1f9d8
-def _square(img, size):
-    "Centre-crop `img` to a square and resize it to `size`"
+SKETCH_METHODS = ('labels', 'edges', 'both')
+
+def _square(img, size=None):
+    "Centre-crop `img` to a square and resize it to `size` (None: crop only)"
     w, h = img.size; s = min(w, h)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    return img if s == size else img.resize((size, size), Image.BICUBIC)
+    return img if size is None or s == size else img.resize((size, size), Image.BICUBIC)
 
 def sketch_dataset(src, # Folder of photos, or a dataset in AB layout (its photo side is used)
                    dest, # Output folder: AB layout with A = sketch, B = photo
                    size:int=256, # Output size (photos are centre-cropped to a square)
                    photo_side:str='A', # Side holding the photo when `src` is an AB dataset ('A' for CMP facades)
                    skip_bad:bool=False, # Warn and skip unreadable photos instead of raising
+                   method:str=None, # 'labels' (label-map outlines; needs an AB dataset whose other side is a CMP label map),
+                                    # 'edges' (Canny), 'both'; default: 'labels' for AB datasets, 'edges' for photo folders
                    **kwargs, # Passed to `photo_to_sketch`
                   ) -> Path:
-    "Sketch -> photo pix2pix set (AB layout, A = `photo_to_sketch(photo)`, B = photo) from a flat folder of photos or a paired dataset"
+    "Sketch -> photo pix2pix set (AB layout, A = sketch, B = photo) from a paired dataset with label maps (label outlines) or a folder of photos (edges)"
     src, dest = Path(src).expanduser(), Path(dest).expanduser()
     if not src.is_dir(): raise DataNotFoundError(f'photo folder not found: {src}')
     if photo_side not in ('A', 'B'): raise DataError(f"photo_side={photo_side!r}: use 'A' or 'B'")
-    if _layout(src) == 'ab-flat': jobs = [('train', f, None) for f in image_files(src)]   # a plain folder of photos
+    flat = _layout(src) == 'ab-flat'
+    if flat: jobs = [('train', f, None) for f in image_files(src)]   # a plain folder of photos
     else: jobs = [(p.split, p, 'pair') for p in find_pairs(src, SPLITS, skip_bad)]
     if not jobs: raise DataNotFoundError(f'no photos in {src}')
+    method = method or ('edges' if flat else 'labels')
+    if method not in SKETCH_METHODS: raise DataError(f"method={method!r}: expected one of {list(SKETCH_METHODS)}")
+    if flat and method != 'edges': raise DataError(f"method={method!r} needs label maps: {src} is a folder of photos, not an AB dataset (use method='edges')")
     n = 0
     for split, item, kind in jobs:
-        try: photo = load_pair(item)['AB'.index(photo_side)] if kind else load_rgb(item)
+        try:
+            pair = load_pair(item) if kind else (load_rgb(item),)
+            photo = pair['AB'.index(photo_side)] if kind else pair[0]
         except DataError as e:
             if not skip_bad: raise
             warnings.warn(f'skipping {e}'); continue
         photo = _square(photo, size)
+        sk = photo_to_sketch(photo, **kwargs) if method == 'edges' else labels_to_sketch(_square(pair[1 - 'AB'.index(photo_side)]), size)
+        if method == 'both': sk = ImageChops.darker(sk, photo_to_sketch(photo, **{'density': 0.04, 'min_length': 16, **kwargs}))
         ab = Image.new('RGB', (2 * size, size))
-        ab.paste(photo_to_sketch(photo, **kwargs).convert('RGB'), (0, 0)); ab.paste(photo, (size, 0))
+        ab.paste(sk.convert('RGB'), (0, 0)); ab.paste(photo, (size, 0))
         (dest/split).mkdir(parents=True, exist_ok=True)
         stem = Path(item.a if kind else item).stem
         ab.save(dest/split/f'{stem}.png', compress_level=1); n += 1
     return dest
+
+# %% ../nbs/00_data.ipynb #2dcc3c78
+def facades_sketch_path(size:int=128, # Image size
+                        method:str='labels', # Sketch method of `sketch_dataset`: 'labels', 'edges' or 'both'
+                        n_val:int=40, # The last `n_val` facades (by number) are held out as `val/`
+                        src=None, # CMP facades root (default: `find_facades()`)
+                       ) -> Path:
+    "The real sketch → photo set (AB: sketch | photo) built once from the CMP facades into the cache, with a held-out val split"
+    src = Path(src) if src is not None else find_facades()
+    if src is None: raise DataNotFoundError('real facades not found: set PIX2PIX_DATA to a folder holding facades/, or run get_facades()')
+    path = data_home()/f'facades-{method}-{size}px-val{n_val}'
+    if (path/'dataset.json').is_file(): return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + '.', dir=path.parent))
+    try:
+        sketch_dataset(src, tmp/'all', size=size, photo_side='A', method=method)
+        files = image_files(tmp/'all'/'train')
+        if len(files) <= n_val: raise DataError(f'{src}: {len(files)} facades, need more than n_val={n_val}')
+        for split, fs in (('train', files[:-n_val]), ('val', files[-n_val:])):
+            (tmp/split).mkdir()
+            for f in fs: f.rename(tmp/split/f.name)
+        shutil.rmtree(tmp/'all')
+        (tmp/'dataset.json').write_text(json.dumps(dict(source=str(src), method=method, size=size, n_val=n_val, A='sketch', B='photo')))
+        try: tmp.rename(path)
+        except OSError:
+            if not (path/'dataset.json').is_file(): raise
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 # %% ../nbs/00_data.ipynb #6fe23e08
 def pair_block(size:int=256, # Output size
@@ -264,10 +305,11 @@ def pair_block(size:int=256, # Output size
                direction:str='AtoB', # 'AtoB': A is the input; 'BtoA': B is the input
                flip:bool=True, # Random horizontal flip when training
                splitter=None, # fastai splitter of the `Pair` list
+               skip_bad:bool=False, # Skip (with a warning) pairs whose files fail to decode, instead of raising
               ) -> DataBlock:
     "The fastai `DataBlock` of (input, target) image pairs with pix2pix's joint jitter"
     i, t = _directed(direction)
-    return DataBlock(blocks=(PairImageBlock, PairImageBlock), get_x=PairGetter(i), get_y=PairGetter(t), splitter=splitter,
+    return DataBlock(blocks=(PairImageBlock, PairImageBlock), get_x=PairGetter(i, skip_bad), get_y=PairGetter(t, skip_bad), splitter=splitter,
                      item_tfms=PairJitter(size, load_size, flip))
 
 # %% ../nbs/00_data.ipynb #5cf955ca
@@ -290,8 +332,22 @@ def block_dl(dblock:DataBlock, # The block that turns an item into a sample (get
     dl.to(device or default_device())
     return dl
 
+def _readable_heads(pairs, splitter, skip_bad, root):
+    "fastai reads the first item of each split while it builds the loaders, where a skipped item cannot be dropped: with `skip_bad`, drop undecodable pairs until those read"
+    while skip_bad:
+        heads = sorted({int(s[0]) for s in splitter(pairs) if len(s)})
+        bad = None
+        for i in heads:
+            try: load_pair(pairs[i])
+            except DataError as e: warnings.warn(f'skipping {e}'); bad = i; break
+        if bad is None: break
+        pairs = pairs[:bad] + pairs[bad + 1:]
+        if not pairs: raise DataError(f'no readable images in {root}')
+    return pairs
+
 def _source_root(source, size, seed):
     if isinstance(source, str) and source == 'synthetic': return synthetic_path(size=size, seed=seed)
+    if isinstance(source, str) and source == 'facades': return facades_sketch_path(size=size)
     return Path(source).expanduser()
 
 def pix2pix_dls(source='synthetic', # 'synthetic', or a folder in AB layout or with A/ and B/ folders
@@ -303,7 +359,7 @@ def pix2pix_dls(source='synthetic', # 'synthetic', or a folder in AB layout or w
                 valid_pct:float=0.1, # Validation share when the source has no val split
                 seed:int=0, # Seed of the synthetic set and of the random split
                 num_workers:int=None, # DataLoader workers; default min(2, cpus) on Linux, else 0
-                skip_bad:bool=False, # Warn and skip bad files instead of raising
+                skip_bad:bool=False, # Warn and skip bad files (checked by header first, and when decoded) instead of raising
                 **kwargs, # Passed to `DataBlock.dataloaders` (e.g. `device`, `shuffle`)
                ):
     "fastai `DataLoaders` of `(input, target)` batches in [-1, 1]: jittered train split, fixed-order validation"
@@ -311,7 +367,8 @@ def pix2pix_dls(source='synthetic', # 'synthetic', or a folder in AB layout or w
     pairs = find_pairs(root, ('train', 'val'), skip_bad)
     if any(p.split == 'val' for p in pairs): splitter = FuncSplitter(lambda p: p.split == 'val')
     else: splitter = RandomSplitter(valid_pct, seed=seed)
-    dblock = pair_block(size, load_size, direction, flip, splitter)
+    pairs = _readable_heads(pairs, splitter, skip_bad, root)
+    dblock = pair_block(size, load_size, direction, flip, splitter, skip_bad)
     dls = dblock.dataloaders(pairs, bs=bs, num_workers=_num_workers(num_workers), **kwargs)
     dls.source, dls.direction = root, direction
     return dls
@@ -323,7 +380,7 @@ def pair_dl(source='synthetic', # 'synthetic', or a folder in AB layout or with 
             direction:str='AtoB', # 'AtoB': A is the input; 'BtoA': B is the input
             seed:int=0, # Seed of the synthetic set
             num_workers:int=None, # DataLoader workers; default min(2, cpus) on Linux, else 0
-            skip_bad:bool=False, # Warn and skip bad files instead of raising
+            skip_bad:bool=False, # Warn and skip bad files (checked by header first, and when decoded) instead of raising
             **kwargs, # Passed to `TfmdDL` (e.g. `device`)
            ) -> TfmdDL:
     "Evaluation `DataLoader` of `(input, target)` in [-1, 1]: resized to `size`, no jitter, files in order"
@@ -334,7 +391,8 @@ def pair_dl(source='synthetic', # 'synthetic', or a folder in AB layout or with 
     if pairs is None: pairs = find_pairs(root, SPLITS, skip_bad)
     if pairs[0].split != split and len({p.split for p in pairs}) == 1:
         warnings.warn(f'{root} has no {split!r} split: using {pairs[0].split!r}')
-    dl = block_dl(pair_block(size, None, direction, False), pairs, train=False, bs=bs, num_workers=num_workers, **kwargs)
+    pairs = _readable_heads(pairs, _everything, skip_bad, root)
+    dl = block_dl(pair_block(size, None, direction, False, skip_bad=skip_bad), pairs, train=False, bs=bs, num_workers=num_workers, **kwargs)
     dl.source, dl.direction, dl.split = root, direction, pairs[0].split
     return dl
 

@@ -223,12 +223,19 @@ def progression_sheet(path, # Folder holding epoch_NNN.png grids from `EpochGrid
                       n_cols:int=6, # How many epochs to show (evenly spaced, first and last included)
                       n_fixed:int=2, # Leading panels that do not change between epochs (input, target)
                       size:int=128, pad:int=2, # Tile layout used by `EpochGrid`
-                      fname:str='progression.png') -> Path:
+                      fname:str='progression.png', # Output file name in `path`
+                      epochs:list=None, # Exactly these epochs (e.g. [5, 10, 20, 30, 40, 49]) instead of `n_cols` evenly spaced ones
+                     ) -> Path:
     "Sheet: fixed panels once, then the changing panels of a few epochs side by side, read back from epoch_NNN.png."
     path = Path(path)
     files = sorted(path.glob('epoch_[0-9][0-9][0-9].png'))
     if not files: raise FileNotFoundError(f"no epoch_NNN.png grids in {path}")
-    pick = sorted(set(np.linspace(0, len(files) - 1, min(n_cols, len(files))).round().astype(int)))
+    if epochs is not None:
+        have = {int(f.stem.split('_')[1]): i for i, f in enumerate(files)}
+        missing = [e for e in epochs if e not in have]
+        if missing: raise FileNotFoundError(f"no grid for epoch(s) {missing} in {path} (have {min(have)}..{max(have)})")
+        pick = [have[e] for e in epochs]
+    else: pick = sorted(set(np.linspace(0, len(files) - 1, min(n_cols, len(files))).round().astype(int)))
     ims = [np.asarray(Image.open(files[i]).convert('RGB')) for i in pick]
     step = size + pad
     n_rows, n_panels = (ims[0].shape[0] - pad) // step, (ims[0].shape[1] - pad) // step
@@ -289,7 +296,7 @@ class EpochGrid(Callback):
             self.slider.max = ep; self.slider.value = ep; self._show(ep)
     def after_fit(self):
         if self.path is not None and is_main_process() and self.frames:
-            progression_sheet(self.path, self.n_cols, self.n_fixed, self.size)
+            progression_sheet(self.path, n_cols=self.n_cols, n_fixed=self.n_fixed, size=self.size)
 
 # %% ../nbs/03_training.ipynb #115bb7a1
 def plot_losses(recorder:Recorder, fname=None, title:str=None):

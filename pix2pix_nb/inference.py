@@ -5,7 +5,7 @@
 # %% ../nbs/05_inference.ipynb #ae942263
 from __future__ import annotations
 from .core import *
-import io, json, glob, html, sys
+import io, json, glob, html, sys, warnings
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from PIL import Image
@@ -133,18 +133,22 @@ def evaluate(model:nn.Module, # Generator (e.g. from `load_generator`)
              n_report:int=16, # Pairs shown in the report
              fid:bool=True, # Also FID/KID when the Inception weights are available offline
              num_workers:int=0, # DataLoader workers
+             skip_bad:bool=True, # Skip unreadable or hostile test files with a warning (counted in `skipped`); False: stop at the first
             ) -> dict:
     "Mean per-image L1, PSNR, SSIM (`image_metrics`, as `eval_pairs`) and FID/KID when possible, of `model` on `test_source`/`split`"
     meta = getattr(model, 'meta', {}) or {}
     size = size or _model_size(model)
     dev = next(model.parameters()).device
-    dl = pair_dl(test_source, split, size=size, bs=bs, direction=meta.get('direction', 'AtoB'), num_workers=num_workers, device=dev)
+    with warnings.catch_warnings(record=True) as caught: # count the files `skip_bad` drops, then pass the warnings on
+        warnings.simplefilter('always')
+        dl = pair_dl(test_source, split, size=size, bs=bs, direction=meta.get('direction', 'AtoB'), num_workers=num_workers, device=dev, skip_bad=skip_bad)
     use_fid, why = fid_available() if fid else (False, 'FID/KID not requested')
     if use_fid:
         from torchmetrics.image.fid import FrechetInceptionDistance
         fidm = FrechetInceptionDistance(feature=2048, normalize=True).to(dev)
     sums, seen, rows = dict(l1=0., psnr=0., ssim=0.), 0, []
-    with inference_mode(model, dropout=dropout):
+    with inference_mode(model, dropout=dropout), warnings.catch_warnings(record=True) as caught2:
+        warnings.simplefilter('always')
         for A, B in dl:
             A, B = A.as_subclass(torch.Tensor), B.as_subclass(torch.Tensor).float()
             if n is not None: A, B = A[:n - seen], B[:n - seen]
@@ -154,8 +158,11 @@ def evaluate(model:nn.Module, # Generator (e.g. from `load_generator`)
             seen += len(A)
             if use_fid: fidm.update(denorm(B), real=True); fidm.update(denorm(P), real=False)
             rows += [(a.cpu(), b.cpu(), p.cpu()) for a, b, p in zip(A, B, P)][:max(0, n_report - len(rows))]
+    msgs = {str(w.message): w for w in caught + caught2} # the first item is also read while the loader is built: once each
+    for w in msgs.values(): warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    skipped = sum(m.startswith('skipping ') for m in msgs)
     if not seen: raise ValueError(f"evaluate: no pairs in {test_source!r} split {split!r}")
-    res = dict(n=seen, l1=round(sums['l1'] / seen, 5), psnr=round(sums['psnr'] / seen, 3), ssim=round(sums['ssim'] / seen, 4))
+    res = dict(n=seen, l1=round(sums['l1'] / seen, 5), psnr=round(sums['psnr'] / seen, 3), ssim=round(sums['ssim'] / seen, 4), skipped=skipped)
     if use_fid: res['fid'] = round(fidm.compute().item(), 3)
     else: res['fid'] = None; print(why)
     if report is not None: res['report'] = str(write_report(report, {**res, 'source': str(dl.source), 'split': dl.split}, rows))
@@ -183,17 +190,21 @@ def _out_names(files:list, outdir:Path) -> list:
         outs.append(outdir/(f'{k}.png' if seen[k] == 1 else f'{k}-{seen[k]}.png'))
     return outs
 
+_OOM = (MemoryError, getattr(torch, 'OutOfMemoryError', MemoryError))
+
 def colorize_files(model, files:list, outdir, size=None, dropout=False, overwrite=False, progress=True, log=print) -> tuple:
-    "Colourise `files` into `outdir`: (written, skipped, failed) lists; failures are logged in one line each"
+    "Colourise `files` into `outdir`: (written, skipped, failed) lists; a file that cannot be read, colourised or written is one logged line, and the rest go on"
     outdir = Path(outdir); outdir.mkdir(parents=True, exist_ok=True)
     written, skipped, failed = [], [], []
     pairs = list(zip(files, _out_names(files, outdir)))
     for f, o in (progress_bar(pairs) if progress else pairs):
         if o.exists() and not overwrite: skipped.append(o); log(f'{o}: exists, kept (use --overwrite)'); continue
-        try: img = load_rgb(f)
-        except (DataError, OSError) as e: failed.append(f); log(f'skipped {e}'); continue
-        out = colorize(model, img, size=size, dropout=dropout)
-        atomic_write(o, lambda f: out.save(f, format='PNG')); written.append(o)
+        try:
+            out = colorize(model, load_rgb(f), size=size, dropout=dropout)
+            atomic_write(o, lambda fo: out.save(fo, format='PNG')); written.append(o)
+        except (DataError, OSError, *_OOM) as e: # unreadable, hostile or huge input; a full disk; out of memory
+            msg = ' '.join(str(e).split()) or type(e).__name__
+            failed.append(f); log(f'skipped {msg}' if str(f) in msg else f'skipped {f}: {msg}')
     return written, skipped, failed
 
 

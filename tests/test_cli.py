@@ -62,7 +62,7 @@ def test_train_bad_values(data, tmp_path, capsys, args, needle):
 def test_cyclegan_bad_values(data, tmp_path, capsys, args, needle):
     _one_line_exit2(pix2pix_cyclegan, ['--source_a', data[1], '--valid', data[0], '--out', tmp_path/'o', *TINY_CG, *args], capsys, needle)
 
-@pytest.mark.parametrize('args, needle', [(['--preset', 'nope'], "preset='nope'"), (['--epochs', -1], 'epochs=-1'),
+@pytest.mark.parametrize('args, needle', [(['--preset', 'nope'], "preset='nope'"), (['--preset', 'facades-cpu'], 'pix2pix_train --preset facades-cpu'), (['--epochs', -1], 'epochs=-1'),
                                           (['--device', 'gpu7'], "device='gpu7'"), (['--bogus'], '--bogus')])
 def test_demo_bad_values(tmp_path, capsys, args, needle):
     _one_line_exit2(pix2pix_demo, ['--out', tmp_path/'o', *args], capsys, needle)
@@ -78,6 +78,7 @@ P2P_CASES = [
     (None, ['--precision', 'fp32', '--device', 'cpu', '--no_export']),
     ('cpu', ['--direction', 'BtoA', '--norm', 'instance']),
     ('paper', ['--precision', 'bf16', '--channels_last', '--generator', 'resnet']),
+    ('facades-cpu', ['--upsample', 'resize', '--gan_loss', 'lsgan']),          # its source is overridden by --source
 ]
 @pytest.mark.parametrize('preset, flags', P2P_CASES)
 def test_train_matrix(data, tmp_path, preset, flags):
@@ -92,6 +93,7 @@ def test_train_matrix(data, tmp_path, preset, flags):
     if preset: assert cfg['lr'] == PRESETS[preset]['lr']
     if '--direction' in flags: assert cfg['direction'] == 'BtoA' and cfg['norm'] == 'instance'
     if '--generator' in flags: assert cfg['generator'] == 'resnet' and cfg['precision'] == 'bf16' and cfg['channels_last']
+    if '--upsample' in flags: assert cfg['upsample'] == 'resize' and cfg['gan_loss'] == 'lsgan_loss' and cfg['source'] == str(data[0])
     r = run('pix2pix_train', '--source', data[0], '--out', out, *(['--preset', preset] if preset else []), *TINY_P2P, *flags, '--resume', 'last')
     assert r.returncode == 2 and 'nothing left to train' in r.stderr and r.stderr.count('\n') == 1, r.stderr[-2000:]
 

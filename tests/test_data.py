@@ -191,3 +191,52 @@ def test_sketch_dataset_from_paired_set(tmp_path):
     assert set(np.unique(np.asarray(a))) == {0, 255}
     with pytest.raises(DataError, match="photo_side='C'"): sketch_dataset(src, tmp_path/'x', photo_side='C')
     with pytest.raises(DataNotFoundError, match='nope'): sketch_dataset(tmp_path/'nope', tmp_path/'x')
+
+def png_header_only(fn, w, h):
+    "A PNG whose header claims w x h grey pixels, with (almost) no pixel data: what a decompression bomb looks like before decoding"
+    import struct, zlib
+    chunk = lambda t, d: struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d) & 0xffffffff)
+    fn.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 0, 0, 0, 0))
+                   + chunk(b'IDAT', zlib.compress(b'\x00' * (w + 1))) + chunk(b'IEND', b''))
+    return fn
+
+def test_truncated_file_skipped_when_decoded(tmp_path):
+    "skip_bad also covers files whose header is fine but whose pixels are cut: the item is dropped, the epoch goes on."
+    d = synthetic_facades(tmp_path, n_train=3, n_val=1, n_test=0, size=32)
+    fn = d/'train'/'0001.png'; fn.write_bytes(fn.read_bytes()[:200])
+    dls = pix2pix_dls(d, size=32, bs=1, num_workers=0, shuffle=False, device='cpu', skip_bad=True)
+    with pytest.warns(UserWarning, match='skipping cannot read image .*0001.png'): batches = [b for b in dls.train]
+    assert len(batches) == 2
+    with pytest.warns(UserWarning, match='0001.png'): assert sum(len(a) for a, b in pair_dl(d, 'train', size=32, bs=2, num_workers=0, skip_bad=True)) == 2
+
+@pytest.mark.parametrize('w, h, msg', [(20000, 20000, '400.0 Mpx, above the 89.5 Mpx limit'),   # above 2x PIL's limit: PIL's DecompressionBombError
+                                       (10000, 9500, '10000x9500 = 95.0 Mpx, above'),            # PIL would only warn: refused too
+                                       (20000, 2, None)])                                          # big but harmless (40 kpx)
+def test_hostile_image_sizes_in_a_dataset(tmp_path, w, h, msg):
+    "A decompression bomb in a dataset is refused by its header (nothing decoded), naming the file; skip_bad skips it."
+    d = synthetic_facades(tmp_path, n_train=3, n_val=1, n_test=0, size=16)
+    png_header_only(d/'train'/'0002.png', w, h)
+    if msg is None:   # harmless size: only the AB shape check complains
+        with pytest.raises(DataError, match='expected width = 2 x height'): pix2pix_dls(d, size=16, num_workers=0)
+        return
+    with pytest.raises(DataError, match=rf'0002\.png is {msg}.*skip_bad=True') as e: pix2pix_dls(d, size=16, num_workers=0)
+    assert one_line(e)
+    with pytest.raises(DataError, match=rf'0002\.png is {msg}') as e: load_rgb(d/'train'/'0002.png')
+    with pytest.warns(UserWarning, match='0002.png'): dls = pix2pix_dls(d, size=16, num_workers=0, skip_bad=True)
+    assert len(dls.train_ds) == 2
+
+def test_zero_area_and_in_memory_images():
+    with pytest.raises(DataError, match='no pixels'): load_rgb(Image.new('RGB', (0, 7)))
+    with pytest.raises(DataError, match='no pixels'): load_rgb(Image.fromarray(np.zeros((5, 0, 3), np.uint8)))
+
+def test_rotated_jpeg_is_read_upright(tmp_path):
+    "EXIF Orientation 8 (rotate 90° counter-clockwise to view): every reader sees the displayed picture."
+    from pix2pix_nb.data import image_size, photo_to_sketch
+    im = Image.new('RGB', (60, 40), 'white'); im.paste((0, 0, 0), (0, 0, 60, 10))         # stored: black band on top
+    ex = Image.Exif(); ex[0x0112] = 8
+    im.save(tmp_path/'r.jpg', exif=ex, quality=95)
+    up = load_rgb(tmp_path/'r.jpg')
+    assert up.size == (40, 60) == image_size(tmp_path/'r.jpg')
+    a = np.asarray(up.convert('L')).astype(int)
+    assert a[30, :5].mean() < 60 and a[30, -5:].mean() > 200                                 # the top band is now on the left
+    assert photo_to_sketch(tmp_path/'r.jpg').size == (40, 60)

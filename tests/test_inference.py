@@ -179,3 +179,14 @@ def test_written_files_get_plain_permissions(model_file, tmp_path):
     finally: os.umask(old)
     assert not failed and len(written) == 1
     for f in [out, out.with_suffix('.json'), *map(Path, written)]: assert f.stat().st_mode & 0o777 == 0o644, f
+
+def test_colorize_rotated_phone_jpeg(model_file, tmp_path):
+    "A JPEG stored sideways with EXIF Orientation 6 is colourised upright, at its displayed size, from a path or a PIL image."
+    g = load_generator(model_file[0])
+    ex = Image.Exif(); ex[0x0112] = 6
+    sketch(300, 500).transpose(Image.ROTATE_90).save(tmp_path/'phone.jpg', exif=ex)     # stored 500x300
+    assert Image.open(tmp_path/'phone.jpg').size == (500, 300)
+    up = colorize(g, tmp_path/'phone.jpg')
+    assert up.size == (300, 500) and colorize(g, Image.open(tmp_path/'phone.jpg')).size == (300, 500)
+    ref = colorize(g, sketch(300, 500))                                                  # the same drawing, stored upright
+    assert np.abs(np.asarray(up, float) - np.asarray(ref, float)).mean() < 8             # (JPEG noise aside)

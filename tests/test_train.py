@@ -59,19 +59,65 @@ def test_resume_is_exact(data, tmp_path):
     opts = read_checkpoint(tmp_path/'b'/'ck.pt')['opts']
     assert set(opts) == {'G', 'D'} and opts['G']['param_groups'][0]['lr'] < 1e-4 # decayed
 
-class SigintAt(Callback):
-    def __init__(self, epoch, it): self.at = (epoch, it)
+class SignalAt(Callback):
+    "Send `sig` to this process after batch `it` of epoch `epoch` (of training, or of validation when `training=False`)."
+    def __init__(self, epoch, it, sig=signal.SIGINT, training=True): self.at, self.sig, self.tr = (epoch, it), sig, training
     def after_batch(self):
-        if self.training and (self.epoch, self.iter) == self.at: os.kill(os.getpid(), signal.SIGINT)
+        if self.training == self.tr and (self.epoch, self.iter) == self.at: os.kill(os.getpid(), self.sig)
 
-def test_ctrl_c_saves_and_resume_finishes(data, tmp_path, capsys):
+@pytest.fixture
+def sigint_handled():
+    "SIGINT with a normal handler for the test (under `nohup`/`make test &` it is ignored, and Checkpoint rightly leaves it so); the old one after."
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN: signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, before)
+
+@pytest.mark.parametrize('sig, at, training, saved', [
+    (signal.SIGINT, (1, 1), True, (1, 2)),    # Ctrl-C after batch 1 of epoch 1: mid-epoch checkpoint
+    (signal.SIGTERM, (0, 0), True, (0, 1)),   # SIGTERM (preemption) after the first batch of the run
+    (signal.SIGTERM, (1, 3), True, (1, 4)),   # ... after the last batch of an epoch, before its validation
+    (signal.SIGINT, (0, 0), False, (1, 0)),   # during validation: stops at the epoch boundary
+])
+def test_signal_saves_and_resume_is_exact(data, tmp_path, capsys, sigint_handled, sig, at, training, saved):
+    "Ctrl-C / SIGTERM: finish the batch, save with the position, stop; the resumed run ends bit-identical to an uninterrupted one."
+    full = make(data, tmp_path/'full'/'ck.pt'); full.fit_linear_decay(2, 1)
+    term = signal.getsignal(signal.SIGTERM)
     ck = tmp_path/'ck.pt'
-    learn = make(data, ck, extra=[SigintAt(1, 1)]); learn.fit_linear_decay(2, 1)
-    assert learn.interrupted and 'Ctrl-C' in capsys.readouterr().out
-    c = read_checkpoint(ck); assert (c['epoch'], c['batch']) == (1, 2)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler # handler restored
-    res = make(data, ck); res.fit_linear_decay(2, 1, resume=ck)
-    assert not res.interrupted and read_checkpoint(ck)['epoch'] == 3 and len(res.recorder.values) == 2
+    learn = make(data, ck, extra=[SignalAt(*at, sig=sig, training=training)]); learn.fit_linear_decay(2, 1)
+    assert learn.interrupted and learn.stop_signal == sig
+    assert ('Ctrl-C' if sig == signal.SIGINT else 'SIGTERM') in capsys.readouterr().out
+    c = read_checkpoint(ck); assert (c['epoch'], c['batch']) == saved and ('epoch_rng' in c) == (saved[1] > 0)
+    assert signal.getsignal(signal.SIGINT) is sigint_handled and signal.getsignal(signal.SIGTERM) is term # exactly the old handlers
+    res = make(data, ck, seed=123); res.fit_linear_decay(2, 1, resume=ck)   # another seed: everything comes from the checkpoint
+    assert not res.interrupted and read_checkpoint(ck)['epoch'] == 3 and len(res.recorder.values) == 3 - saved[0]
+    a, b = state(full), state(res)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+def test_mid_epoch_resume_needs_the_epoch_start_state(data, tmp_path, sigint_handled):
+    "The exactness test can fail: without the epoch's start state (an older checkpoint) the rest of the epoch is reshuffled."
+    full = make(data, tmp_path/'full'/'ck.pt'); full.fit_linear_decay(2, 1)
+    ck = tmp_path/'ck.pt'
+    make(data, ck, extra=[SignalAt(1, 1)]).fit_linear_decay(2, 1)
+    c = read_checkpoint(ck); del c['epoch_rng']; atomic_save(c, ck)
+    res = make(data, ck)
+    with pytest.warns(UserWarning, match='not bit-exact'): res.fit_linear_decay(2, 1, resume=ck)
+    a, b = state(full), state(res)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+def test_ignored_signals_stay_ignored(data, tmp_path):
+    "Under nohup / `cmd &` SIGINT is ignored on purpose: Checkpoint does not catch it during fit and leaves it ignored after."
+    seen = []
+    spy = type('Spy', (Callback,), dict(after_batch=lambda self: seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))))()
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        learn = make(data, tmp_path/'ck.pt', extra=[spy]); learn.fit_linear_decay(1)
+        assert seen and all(i is signal.SIG_IGN for i, _ in seen)                    # not caught during fit
+        assert all(getattr(t, '__func__', None) is Checkpoint._on_signal for _, t in seen) # SIGTERM (not ignored) is
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+    finally:
+        for s, h in before.items(): signal.signal(s, h)
 
 class PoisonG(Callback):
     def before_batch(self):
@@ -81,10 +127,11 @@ class PoisonG(Callback):
 
 def test_nan_guard_stops_and_keeps_last_good(data, tmp_path):
     ck = tmp_path/'ck.pt'
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     learn = make(data, ck, extra=[PoisonG()])
     with pytest.raises(NonFiniteLossError, match=r'non-finite loss .* at epoch 1, batch 1.*last good checkpoint kept'):
         learn.fit_linear_decay(3)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler # restored although fit raised
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before # restored although fit raised
     c = read_checkpoint(ck)
     assert c['epoch'] == 1 and all(torch.isfinite(v).all() for v in c['nets']['G'].values() if v.is_floating_point())
 
