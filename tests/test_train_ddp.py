@@ -207,7 +207,7 @@ def test_wrong_launch_is_a_one_line_error(prog, monkeypatch, capsys, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_benchmark_smoke(tmp_path):
-    "benchmarks/ddp.py --smoke (tiny nets, two timed steps, five launches: about a minute): the harness runs and writes its block."
+    "benchmarks/ddp.py --smoke (tiny nets, two timed steps, six launches: about a minute): the harness runs and writes its block."
     md = tmp_path/'B.md'; md.write_text('# Intro\n')
     r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1]/'benchmarks'/'ddp.py'), '--smoke', '--md', md],
                        capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV})
@@ -215,7 +215,8 @@ def test_ddp_benchmark_smoke(tmp_path):
     text = md.read_text()
     assert text.startswith('# Intro') and '## Data-parallel training (DDP)' in text and 'exposed communication' in text
     res = json.loads((tmp_path/'ddp.json').read_text())['results']
-    assert len(res) == 5 and all(v['step_s'] > 0 for v in res.values())
-    assert res['2 processes (DDP)']['buckets'] >= 2 and res['2 processes (DDP)']['comm_s'] > 0
+    assert len(res) == 6 and all(v['step_s'] > 0 for v in res.values())
+    timed = res['2 processes (DDP), all-reduces timed']
+    assert timed['buckets'] >= 2 and timed['comm_s'] > 0
 
 if __name__ == '__main__': worker(*sys.argv[1:])
