@@ -10,7 +10,7 @@ Each configuration runs in fresh processes: `python benchmarks/ddp.py --worker .
 `after_batch` events of `pix2pix_learner` + `DistributedGAN` (fit's trainer and callbacks), fed pre-made in-memory
 batches, so data loading is not timed; medians after warm-up steps.
 """
-import argparse, contextlib, json, os, platform, re, statistics, subprocess, sys, time
+import argparse, contextlib, gc, json, os, platform, re, statistics, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,11 +69,11 @@ def worker(a):
 
     class NoSync(Callback):
         "Every DDP wrapper in `no_sync` for the whole batch: no gradient all-reduce (the ranks drift apart: timing only)."
-        order = 100
+        order = Timer.order - 1 # leave no_sync before Timer stops the fit: an open context would keep the DDP wrappers alive
         def before_batch(self):
             self.stack = contextlib.ExitStack()
             for m in self.learn.model.children(): self.stack.enter_context(m.no_sync())
-        def after_batch(self): self.stack.close()
+        def after_batch(self): self.stack.close(); self.stack = None
 
     cbs = [Timer()] + precision_callbacks(precision, cl)
     if ddp: cbs += [DistributedGAN(find_unused_parameters=a.mode == 'unused')]
@@ -81,6 +81,7 @@ def worker(a):
     learn = pix2pix_learner(dls, G, D, cbs=cbs)
     learn.remove_cb(ProgressCallback); learn.logger = lambda *x: None
     learn.fit(1)
+    del learn, cbs; gc.collect() # no DDP wrapper may outlive the process group (its destructor at exit would abort)
     timed = steps[a.warmup:]
     step_s = statistics.median(t1 - t0 for t0, t1 in timed)
     busy, nbytes = [], []
