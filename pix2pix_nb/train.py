@@ -20,6 +20,7 @@ from fastai.torch_core import set_seed
 from .data import pix2pix_dls, pair_dl
 from .generator import UnetGenerator, export_generator
 from .gan import *
+from .gan import _plain
 from .metrics import *
 from .callbacks import *
 from .distributed import *
