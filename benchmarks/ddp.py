@@ -124,7 +124,7 @@ def markdown(res, args, meta):
         rows.append(f"| {k} | {r['processes']} × {r['threads']} | {r['global_bs']} ({r['bs']}) | {r['step_s']*1e3:.0f} | {r['img_s']:.2f} | {r['img_s']/base['img_s']:.2f}x |")
     exposed = max(0., ddp['step_s'] - nosync['step_s'])
     return '\n'.join([
-        f"Run: `python benchmarks/ddp.py{' --smoke' if args.smoke else ''}` on {meta['date']}, alone on the machine (`flock`).",
+        f"Run: `python benchmarks/ddp.py{' ' + ' '.join(meta['argv']) if meta['argv'] else ''}` on {meta['date']}, alone on the machine (`flock`).",
         '',
         f"Machine: {meta['cpu']}, {meta['cores']} logical cores, torch {meta['torch']}, gloo over loopback; device `cpu`; "
         f"load average {' '.join(map(str, meta['load']))} at the start, {' '.join(map(str, meta['load_end']))} at the end. "
@@ -167,7 +167,7 @@ def main(argv=None):
     p.add_argument('--size', type=int, default=128); p.add_argument('--bs', type=int, default=4)
     p.add_argument('--ngf', type=int, default=32); p.add_argument('--ndf', type=int, default=32); p.add_argument('--n_layers', type=int, default=3)
     p.add_argument('--steps', type=int, default=16); p.add_argument('--warmup', type=int, default=3)
-    p.add_argument('--rounds', type=int, default=2, help='run every configuration this many times (round-robin) and keep its fastest run')
+    p.add_argument('--rounds', type=int, default=1, help='run every configuration this many times (round-robin) and keep its fastest run')
     p.add_argument('--precision', default='auto')
     p.add_argument('--md', default=str(ROOT/'BENCHMARKS.md')); p.add_argument('--json', default=None)
     a = p.parse_args(argv)
@@ -183,7 +183,7 @@ def main(argv=None):
                 print(f"round {i+1}, {name}: {r['step_s']*1e3:.0f} ms/step, {r['img_s']:.2f} img/s", flush=True)
         res = {name: min(rs, key=lambda r: r['step_s']) | dict(rounds_ms=[round(r['step_s'] * 1e3) for r in rs]) for name, rs in rounds.items()}
     cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), platform.processor()) if Path('/proc/cpuinfo').exists() else platform.processor()
-    meta = dict(date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, wall_s=round(time.time() - t0),
+    meta = dict(argv=[x for x in (sys.argv[1:] if argv is None else argv) if not x.startswith('--md') and not x.endswith('.md')], date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, wall_s=round(time.time() - t0),
                 load=[round(x, 2) for x in load0], load_end=[round(x, 2) for x in os.getloadavg()])
     body = markdown(res, a, meta) + f"\n\nTotal wall time: {meta['wall_s']} s."
     write_md(a.md, body)
