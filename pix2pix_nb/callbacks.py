@@ -8,8 +8,10 @@ from .core import *
 import os, sys, json, math, time, random, signal, socket, threading, contextlib, warnings
 from pathlib import Path
 from functools import partial
+from copy import deepcopy
 import numpy as np, torch, torch.nn as nn
 import torch.distributed as dist
+import torch._inductor.config as inductor_config
 from fastcore.basics import patch, ifnone, noop
 from fastcore.foundation import L
 from fastai.learner import Learner
@@ -21,10 +23,10 @@ except ImportError: fcntl = None # Windows: lock take-over without the flock gua
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'CKPT_FORMAT', 'STOP_SIGNALS', 'LOCK_NAME', 'TrainerPrecision', 'ChannelsLastBatches', 'fast_bf16',
-           'resolve_precision', 'precision_callbacks', 'CheckpointError', 'CheckpointWriteError', 'atomic_save',
-           'rng_state', 'set_rng_state', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'Checkpoint',
-           'ResumeFrom', 'NonFiniteLossError', 'NanGuard', 'RunLockedError', 'check_run_lock', 'acquire_run_lock',
-           'release_run_lock', 'run_lock']
+           'resolve_precision', 'precision_callbacks', 'compile_supported', 'CompileNets', 'CheckpointError',
+           'CheckpointWriteError', 'atomic_save', 'rng_state', 'set_rng_state', 'save_checkpoint', 'read_checkpoint',
+           'load_checkpoint', 'Checkpoint', 'ResumeFrom', 'NonFiniteLossError', 'NanGuard', 'GeneratorEMA',
+           'RunLockedError', 'check_run_lock', 'acquire_run_lock', 'release_run_lock', 'run_lock']
 
 # %% ../nbs/03b_callbacks.ipynb #6b721674
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -83,6 +85,49 @@ def precision_callbacks(precision:str, channels_last:bool) -> list:
     "The callbacks of a resolved `(precision, channels_last)`: `TrainerPrecision` unless fp32, `ChannelsLastBatches` if asked."
     return ([TrainerPrecision(precision)] if precision != 'fp32' else []) + ([ChannelsLastBatches()] if channels_last else [])
 
+# %% ../nbs/03b_callbacks.ipynb #cddea68b
+def compile_supported(device) -> tuple:
+    "(True, '') when `torch.compile` can build and run kernels on `device` here, else (False, why): tried on a tiny function."
+    try:
+        x = torch.arange(4., device=device)
+        ok = torch.equal(torch.compile(lambda t: t * 2 + 1, dynamic=False)(x), x * 2 + 1)
+        return (True, '') if ok else (False, 'a compiled test function gave a wrong result')
+    except Exception as e:
+        return False, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+
+class CompileNets(Callback):
+    "`torch.compile` the trainer's networks in place before training; eager, after a one-line notice, where compiling is unsupported."
+    order = TrainerPrecision.order + 1
+    def __init__(self, mode:str=None, # `torch.compile` mode: None (default), 'reduce-overhead', 'max-autotune'
+                 fallback_random:bool=True, # Dropout from PyTorch's generator inside compiled code: the same masks as eager
+                ):
+        self.mode, self.fallback_random, self.compiled, self.compile_s, self._ts = mode, fallback_random, False, None, []
+    def before_fit(self):
+        dev = next(self.learn.model.parameters()).device
+        ok, why = compile_supported(dev)
+        if not ok:
+            print(f"compile: not available on {dev.type} here ({why}); training eagerly"); return
+        if self.fallback_random: inductor_config.fallback_random = True
+        for m in self.learn.trainer.nets.values(): _unwrap(m).compile(mode=self.mode, dynamic=False)
+        self.compiled, self._ts = True, []
+    # validation, grids and anything after fit run eagerly: evaluation is a small share of the time, and eval-mode
+    # graphs would cost a second compilation (and Inductor mishandles batch norm under `inference_mode`)
+    def before_train(self):
+        if self.compiled: torch.compiler.set_stance('default')
+    def before_validate(self):
+        if self.compiled: torch.compiler.set_stance('force_eager')
+    def cleanup(self):
+        if self.compiled: torch.compiler.set_stance('force_eager')
+    def after_fit(self): self.cleanup()
+    def before_batch(self):
+        if self.compiled and self.training and len(self._ts) < 4: self._t = time.perf_counter()
+    def after_batch(self):
+        if not (self.compiled and self.training and len(self._ts) < 4): return
+        self._ts.append(time.perf_counter() - self._t)
+        if len(self._ts) == 4:   # first batch: compiling + one step; the next three: the compiled step
+            step = sorted(self._ts[1:])[1]; self.compile_s = max(self._ts[0] - step, 0.)
+            if is_main_process(): print(f"compile: {self.compile_s:.1f} s compiling in the first batch, then {step*1e3:.0f} ms per batch")
+
 # %% ../nbs/03b_callbacks.ipynb #b546fde2
 CKPT_FORMAT = 'pix2pix_nb.checkpoint/1'
 
@@ -135,6 +180,8 @@ def save_checkpoint(learn:Learner, path, epoch:int, # Epochs completed (where a 
               rng=rng_state(learn.dls), time=time.time())
     if batch and epoch_rng is not None: ck['epoch_rng'] = epoch_rng
     if hasattr(tr, 'extra_state'): ck['extra'] = tr.extra_state()
+    cbs = {type(cb).__name__: cb.ckpt_state() for cb in learn.cbs if hasattr(cb, 'ckpt_state')}
+    if cbs: ck['cbs'] = cbs # callbacks with state of their own (e.g. `GeneratorEMA`)
     try: return atomic_save(ck, path)
     except OSError as e:
         kept = f'the previous checkpoint {path} is kept' if Path(path).is_file() else 'no checkpoint was written'
@@ -167,6 +214,11 @@ def load_checkpoint(learn:Learner, ck, # A path or what `read_checkpoint` return
     if hasattr(tr, 'load_extra_state'):
         if 'extra' in ck: tr.load_extra_state(ck['extra'])
         else: warnings.warn(f"checkpoint has no {type(tr).__name__} state (written by an older version): it starts afresh, so the resumed run is not exact")
+    for cb in learn.cbs:
+        if not hasattr(cb, 'load_ckpt_state'): continue
+        name = type(cb).__name__
+        if name in ck.get('cbs', {}): cb.load_ckpt_state(ck['cbs'][name])
+        else: warnings.warn(f"checkpoint has no {name} state: it starts afresh, so the resumed run is not exact")
     if rng: set_rng_state(ck['rng'], learn.dls)
     return ck
 
@@ -260,6 +312,47 @@ class NanGuard(Callback):
         kept = f'last good checkpoint kept: {ck.saved}' if ck is not None and ck.saved else 'no checkpoint was saved yet'
         epoch = getattr(self.learn, 'epoch_offset', 0) + self.epoch
         raise NonFiniteLossError(f"non-finite loss {', '.join(f'{k}={v}' for k, v in bad.items())} at epoch {epoch}, batch {self.iter}; training stopped ({kept}). Try a lower lr or precision='fp32'.")
+
+# %% ../nbs/03b_callbacks.ipynb #264b1fe8
+class GeneratorEMA(Callback):
+    "Exponential moving average of generator `net`'s weights: validation uses it, checkpoints keep it, G becomes it when training ends."
+    order = ProgressCallback.order + 6 # after the grids and loss curves in `after_epoch`, before `Checkpoint` saves the live weights
+    def __init__(self, decay:float=0.999, # Weight of the old average at each step (0.999: about the last 1000 steps)
+                 net:str='G', # Which of the trainer's networks to average
+                ):
+        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 < decay < 1:
+            raise ValueError(f"ema={decay!r}: the average's decay must be a number between 0 and 1, e.g. 0.999")
+        self.decay, self.net, self.ema, self.steps, self._raw, self._stepped = float(decay), net, None, 0, None, False
+    def _source(self) -> nn.Module: return _unwrap(self.learn.trainer.nets[self.net])
+    def _ensure(self) -> nn.Module:
+        if self.ema is None: self.ema = deepcopy(self._source()).requires_grad_(False)
+        return self.ema
+    def before_fit(self): self._ensure()
+    def before_batch(self): self._stepped = False
+    def after_pred(self): self._stepped = True # the trainer steps after the forward; replayed batches of a resumed epoch stop before it
+    @torch.no_grad()
+    def after_batch(self):
+        if not self.training or not self._stepped: return
+        self.steps += 1
+        w = 1 - min(self.decay, (1 + self.steps) / (10 + self.steps))
+        src = self._source()
+        for pe, p in zip(self.ema.parameters(), src.parameters()): pe.lerp_(p.detach(), w)
+        for be, b in zip(self.ema.buffers(), src.buffers()): be.copy_(b)
+    def _swap_in(self):
+        if self._raw is not None: return
+        src = self._source(); self._raw = {k: v.detach().clone() for k, v in src.state_dict().items()}
+        src.load_state_dict(self.ema.state_dict())
+    def _swap_out(self):
+        if self._raw is None: return
+        self._source().load_state_dict(self._raw); self._raw = None
+    def before_validate(self): self._swap_in()
+    def after_epoch(self): self._swap_out()
+    def cleanup(self): self._swap_out()
+    def after_fit(self):
+        self._swap_out()
+        if not getattr(self.learn, 'interrupted', False): self._source().load_state_dict(self.ema.state_dict())
+    def ckpt_state(self) -> dict: return dict(ema=self._ensure().state_dict(), steps=self.steps)
+    def load_ckpt_state(self, st:dict): self._ensure().load_state_dict(st['ema']); self.steps = int(st['steps'])
 
 # %% ../nbs/03b_callbacks.ipynb #8207e0ce
 class RunLockedError(FileExistsError):

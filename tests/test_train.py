@@ -189,3 +189,23 @@ def test_auto_precision_is_resolved_and_recorded(tmp_path, data):
     names = {type(c).__name__ for c in learn.cbs}
     assert ('TrainerPrecision' in names) == (want[0] == 'bf16') and ('ChannelsLastBatches' in names) == want[1]
     assert all(torch.isfinite(torch.tensor(v)).all() for v in learn.recorder.values[-1][:-1])
+
+def test_ema_resume_is_exact_and_g_becomes_the_average(data, tmp_path, sigint_handled):
+    "GeneratorEMA: a run interrupted mid-epoch and resumed ends with the same average (and G = average) as an uninterrupted one."
+    from pix2pix_nb.callbacks import GeneratorEMA
+    full_ema = GeneratorEMA(0.9); full = make(data, tmp_path/'full'/'ck.pt', extra=[full_ema]); w0 = state(full)
+    full.fit_linear_decay(2, 1)
+    assert full_ema.steps == 3 * 4 and 'GeneratorEMA' in read_checkpoint(tmp_path/'full'/'ck.pt')['cbs']
+    assert all(torch.equal(v, full_ema.ema.state_dict()[k]) for k, v in full.model.G.state_dict().items())   # G is the average
+    ck = tmp_path/'ck.pt'
+    part = make(data, ck, extra=[GeneratorEMA(0.9), SignalAt(1, 1)]); part.fit_linear_decay(2, 1)
+    assert part.interrupted
+    saved = read_checkpoint(ck); assert saved['cbs']['GeneratorEMA']['steps'] == 4 + 2
+    res_ema = GeneratorEMA(0.9); res = make(data, ck, seed=123, extra=[res_ema]); res.fit_linear_decay(2, 1, resume=ck)
+    assert res_ema.steps == full_ema.steps
+    a, b = state(full), state(res)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert not all(torch.equal(a[k], w0[k]) for k in a)
+    # the checkpoint keeps the live weights (for exact resume), not the average
+    live = read_checkpoint(ck)['nets']['G']
+    assert any(not torch.equal(live[k], v) for k, v in full_ema.ema.state_dict().items() if v.is_floating_point())
