@@ -91,3 +91,24 @@ docs-chromium:
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+# Real-browser tests (tests/browser/, not part of `make test`): the sketch studio's web app and its Jupyter widget, and
+# chapter 03's epoch-grid slider inside a real JupyterLab server, in headless Chromium driven by Selenium. Installs the
+# [browser] extra and Debian's chromium + chromium-driver (as docs-preview does); the tests skip, saying why, only when
+# no browser could be installed. Screenshots: tests/browser/_shots/. CI runs this after `make test` (.ci/run).
+BROWSER_STAMP := $(VENV)/.installed-browser
+$(BROWSER_STAMP): $(STAMP) settings.ini setup.py
+	$(BIN)/python -m pip install -q -e ".[dev,browser]"
+	touch $(BROWSER_STAMP)
+
+.PHONY: test-browser browser-chromium
+browser-chromium:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "installing chromium chromium-driver with apt (Debian packages)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	    || echo "could not install chromium: the browser tests will skip"; \
+	fi
+
+test-browser: $(BROWSER_STAMP) browser-chromium
+	PIX2PIX_BROWSER_TESTS=1 $(BIN)/python -m pytest -q -rs -s tests/browser

@@ -20,6 +20,8 @@ requirements = shlex.split(cfg.get('requirements', ''))
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), cfg['license'])
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
+studio_requirements = shlex.split(cfg.get('studio_requirements', ''))
+browser_requirements = shlex.split(cfg.get('browser_requirements', ''))
 
 setuptools.setup(
     name=cfg['lib_name'],
@@ -32,7 +34,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements + studio_requirements, 'studio': studio_requirements, 'browser': browser_requirements},
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
