@@ -149,7 +149,7 @@ class MemDL:
     def __iter__(self):
         for i in range(self.n): yield self.bs[i % len(self.bs)]
 
-def run_fit(cfg, n, warmup, precision='fp32', channels_last=False, dev='cpu', seed=0, fused=False):
+def run_fit(cfg, n, warmup, precision='fp32', channels_last=False, dev='cpu', seed=0, fused=False, extra_cbs=()):
     """Steps through what `pix2pix_nb.train.fit` builds: `pix2pix_learner` (Learner + `Pix2PixTrainer`) with `fit`'s
     per-batch callbacks (NanGuard, Checkpoint, TrainerPrecision, ChannelsLastBatches, LinearDecayLR via `fit_linear_decay`); the
     time of each training batch is the interval between consecutive `after_batch` events."""
@@ -171,6 +171,7 @@ def run_fit(cfg, n, warmup, precision='fp32', channels_last=False, dev='cpu', se
     cbs = [NanGuard(), Checkpoint(Path(tmp)/'checkpoint.pt', every=10**6), StepTimer()]
     from pix2pix_nb.callbacks import precision_callbacks
     cbs += precision_callbacks(precision, channels_last)   # what `fit` adds for a resolved (precision, channels_last)
+    cbs += list(extra_cbs)                                 # e.g. `CompileNets()` (fit(compile=True))
     # fused=True is `fit`'s default; the fit-vs-plain rows use torch's default Adam on both sides (like for like)
     learn = pix2pix_learner(dls, G.to(dev), D.to(dev), cbs=cbs, fused=fused)
     learn.remove_cb(ProgressCallback); learn.logger = lambda *a, **k: None

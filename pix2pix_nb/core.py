@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 from PIL import Image, ImageOps, UnidentifiedImageError
 # fastai's import-time `torch.jit.script` calls warn on torch >= 2.10: a notice for fastai, not for our users.
 # This module is imported before fastai everywhere in pix2pix_nb, so the filter is in place in time.
-warnings.filterwarnings('ignore', message=r'.*torch\.jit\.script.* is deprecated', category=FutureWarning)
+warnings.filterwarnings('ignore', message=r'.*torch\.jit\.script.* is deprecated')   # torch's deprecation notice, raised inside fastai
 import torch, torch.nn as nn
 import torch.distributed as dist
 from torchvision.utils import make_grid
@@ -151,7 +151,7 @@ def show_images(ims:list, # PIL images or arrays
                 titles:list=None, # One title per image
                 ncols:int=None, # Images per row (default: all in one row)
                 size:float=2.0, # Inches per image
-                dpi:int=60, # Figure resolution
+                dpi:int=100, # Figure resolution
                ):
     "Show `ims` in a grid of matplotlib axes (greyscale images in grey), with optional titles."
     ncols = ncols or len(ims); nrows = (len(ims) + ncols - 1) // ncols

@@ -10,7 +10,7 @@ from .generator import get_norm, conv_norm_act, n_params
 
 # %% auto #0
 __all__ = ['patch_block', 'conv_out_size', 'PatchDiscriminator', 'PixelDiscriminator', 'conv_stack_rf', 'receptive_field',
-           'measured_rf']
+           'rf_table', 'measured_rf']
 
 # %% ../nbs/02_patchgan.ipynb #e70571e1
 def patch_block(ni:int, # Input channels
@@ -100,6 +100,20 @@ def receptive_field(n_layers:int|nn.Module=3, # PatchGAN `n_layers` (0 = the 1×
     if isinstance(n_layers, nn.Module): return conv_stack_rf(n_layers)
     if n_layers == 0: return conv_stack_rf(PixelDiscriminator(ndf=1))
     return conv_stack_rf(PatchDiscriminator(ndf=1, n_layers=n_layers))
+
+# %% ../nbs/02_patchgan.ipynb #f205597a
+def rf_table(model:nn.Module, # Any network whose convolutions run in `modules()` order
+            ) -> list:
+    "One row per conv/pool layer: (index, kernel, stride, jump before it, receptive field after it)"
+    rows, r, jump = [], 1, 1
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            k, s = [v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride)]
+            d = m.dilation if isinstance(m, nn.Conv2d) else 1
+            d = d if isinstance(d, int) else d[0]
+            r += (k - 1) * d * jump
+            rows.append((len(rows) + 1, k, s, jump, r)); jump *= s
+    return rows
 
 # %% ../nbs/02_patchgan.ipynb #7cbc2a37
 def measured_rf(D:nn.Module, # A discriminator

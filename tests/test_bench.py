@@ -39,3 +39,19 @@ def test_flops_counted():
 def test_bad_size():
     bench = load_bench()
     with pytest.raises(SystemExit): bench.main(['--smoke', '--size', '48'])
+
+def test_perf_smoke(tmp_path):
+    "benchmarks/perf.py --smoke (no compile: tests/test_compile.py checks it): every table is written, targets are booleans."
+    spec = importlib.util.spec_from_file_location('perf', ROOT/'benchmarks'/'perf.py')
+    perf = importlib.util.module_from_spec(spec); spec.loader.exec_module(perf)
+    md = tmp_path/'B.md'
+    md.write_text(f'# Intro\n\n{perf.BEGIN}\nold\n{perf.END}\n\nNotes.\n')
+    res = perf.main(['--smoke', '--no-compile', '--md', str(md)])
+    text = md.read_text()
+    assert text.startswith('# Intro') and text.rstrip().endswith('Notes.') and '\nold\n' not in text
+    for h in ('reference algorithm vs `fit`', 'torch.profiler', 'as the work grows', 'Targets'): assert h in text, h
+    assert all(isinstance(t['met'], bool) for t in res['targets']) and len(res['targets']) == 2
+    for r in res['reference_vs_fit'].values():
+        assert r['fit']['rel'] < 1e-2   # fit's defaults compute the reference's update (fp32 here: fused Adam only)
+    assert res['profile'] and all(p['top'] for p in res['profile'].values())
+    assert res['slopes']['pixels'] > 0

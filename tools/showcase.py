@@ -5,7 +5,7 @@
 Needs a local copy of the facades (`PIX2PIX_DATA`, as `make showcase` sets it, or `get_facades()`). Trains
 pix2pix (L1 + cGAN) with the preset, and the same generator with L1 alone for the same epochs (the regression
 baseline); then scores both on the held-out split against the mean-colour predictor and the untrained
-generator (per-image L1, PSNR, SSIM), and writes small JPEG sheets to --images:
+generator (per-image L1, PSNR, SSIM, and the sliced Wasserstein distance of the set to the real photos), and writes small JPEG sheets to --images:
 `showcase_progression.jpg` (sketch | truth | epochs 5, 10, 20, 30, 40, 49) and `showcase_test.jpg`
 (sketch | pix2pix | L1 alone | truth, 12 held-out facades), plus `showcase.json` with the numbers and wall times.
 Run it alone on the machine: the wall times are part of the result.
@@ -19,7 +19,7 @@ from fastcore.basics import noop
 from pix2pix_nb.core import tile
 from pix2pix_nb.data import pix2pix_dls, pair_dl, facades_sketch_path
 from pix2pix_nb.gan import pix2pix_nets, l1_learner, LinearDecayLR, progression_sheet
-from pix2pix_nb.metrics import eval_pairs, mean_target, generator_predictor
+from pix2pix_nb.metrics import eval_pairs, mean_target, generator_predictor, sliced_wasserstein
 from pix2pix_nb.train import fit, PRESETS
 from fastai.torch_core import set_seed
 
@@ -41,10 +41,15 @@ def main(a):
     val = pair_dl(src, 'val', size=cfg['size'], bs=8, num_workers=0)
     mean = mean_target(pair_dl(src, 'train', size=cfg['size'], bs=16, num_workers=0))
     G0, _ = pix2pix_nets(cfg['size'], cfg['ngf'], cfg['ndf'], cfg['n_layers'], seed=1, upsample=cfg.get('upsample', 'transpose'))
-    res = {'pix2pix (L1 + cGAN)': eval_pairs(generator_predictor(learn.model.G), val),
-           'L1 alone': eval_pairs(generator_predictor(G1), val),
-           'mean colour': eval_pairs(lambda A: mean.to(A.device).expand(len(A), -1, -1, -1), val),
-           'untrained': eval_pairs(generator_predictor(G0), val)}
+    ev = lambda predict: eval_pairs(predict, val, swd=True)
+    res = {'pix2pix (L1 + cGAN)': ev(generator_predictor(learn.model.G)),
+           'L1 alone': ev(generator_predictor(G1)),
+           'mean colour': ev(lambda A: mean.to(A.device).expand(len(A), -1, -1, -1)),
+           'untrained': ev(generator_predictor(G0))}
+    # the realism floor: as many *training* photos against the held-out photos (two samples of real facades)
+    real_val = torch.cat([B.as_subclass(torch.Tensor) for _, B in val])
+    real_train = torch.cat([B.as_subclass(torch.Tensor) for _, B in pair_dl(src, 'train', size=cfg['size'], bs=len(real_val), num_workers=0)][:1])
+    res['real photos (other facades)'] = dict(swd=sliced_wasserstein(real_train, real_val)['swd'], n=len(real_val))
     # sheets
     eps = [e for e in (5, 10, 20, 30, 40, 49) if e < cfg['epochs']]
     prog = progression_sheet(out/'pix2pix', epochs=eps, fname='progression_showcase.png')
