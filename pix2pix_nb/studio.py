@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np, torch, torch.nn as nn
 from PIL import Image, ImageOps, UnidentifiedImageError
 from skimage.filters import threshold_otsu
+from skimage.morphology import skeletonize
 from .data import find_pairs, load_pair
 from .synthetic import synthetic_triple
 from .generator import load_generator
@@ -72,15 +73,18 @@ def read_data_url(url:str, # `data:image/...;base64,...`
 def to_sketch(img, # Drawing: path, PIL image (any mode), e.g. a phone photo of a pencil sketch
               size:int, # Side of the square sketch (the model's size)
               ink:float=0.2, # A pixel is a line when at least this share of the area it covers is ink
+              thin:bool=True, # Thin the lines to 1 pixel (skeleton), like the training sketches
              ) -> Image.Image:
-    "Binary `size` x `size` sketch ('L', lines 0 on 255) of a drawing: Otsu threshold, fit inside the square on white paper"
+    "Binary `size` x `size` sketch ('L', lines 0 on 255) of a drawing: Otsu threshold, fit inside the square on white paper, thinned"
     g = np.asarray(load_rgb(img).convert('L'), np.float32)
     t = threshold_otsu(g) if g.min() < g.max() else -1   # a blank page has no ink
     lines = Image.fromarray(np.where(g <= t, 0, 255).astype(np.uint8))
     small = ImageOps.contain(lines, (size, size), Image.BOX)
     paper = Image.new('L', (size, size), 255)
     paper.paste(small, ((size - small.width) // 2, (size - small.height) // 2))
-    return paper.point(lambda v: 0 if v <= 255 * (1 - ink) else 255)
+    ink_px = np.asarray(paper) <= 255 * (1 - ink)
+    if thin: ink_px = skeletonize(ink_px)   # 1-pixel lines, as in training
+    return Image.fromarray(np.where(ink_px, 0, 255).astype(np.uint8), 'L')
 
 # %% ../nbs/07_studio.ipynb #bb9862e9
 def test_sketches(size:int, # Sketch size (the model's)
@@ -91,7 +95,7 @@ def test_sketches(size:int, # Sketch size (the model's)
     "The first `n` sketches of the test split, binary `size` x `size`: the studio's examples"
     if str(source) == 'synthetic': return [synthetic_triple(i, 'test', size)[0].convert('L') for i in range(n)]
     pairs = find_pairs(source, splits=('test',))[:n]
-    return [to_sketch(load_pair(p)[0 if direction == 'AtoB' else 1], size) for p in pairs]
+    return [to_sketch(load_pair(p)[0 if direction == "AtoB" else 1], size, thin=False) for p in pairs]
 
 def has_dropout(model:nn.Module) -> bool:
     "Does `model` have dropout layers (so that sampling again gives another picture)?"
@@ -111,7 +115,7 @@ class SketchEngine:
         if dropout and not has_dropout(self.model): raise ValueError('dropout=True: this generator has no dropout layers to sample with')
         self.dropout = dropout
         ex = test_sketches(self.size, examples, source, meta.get('direction', 'AtoB')) if isinstance(examples, int) else list(examples)
-        self.examples = [to_sketch(e, self.size) for e in ex]
+        self.examples = [to_sketch(e, self.size, thin=False) for e in ex]
 
     def run(self, sketch:Image.Image, dropout:bool=None) -> dict:
         "Colourise a sketch: {'image': data URL, 'ms': milliseconds}"

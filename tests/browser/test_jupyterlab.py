@@ -18,9 +18,12 @@ def lab(tmp_path_factory):
     (root/'nbs').mkdir()
     for nb in ('03_training.ipynb', '07_studio.ipynb'): shutil.copy(ROOT/'nbs'/nb, root/'nbs'/nb)
     if (ROOT/'runs'/'demo'/'generator.safetensors').is_file(): (root/'runs').mkdir(); (root/'runs'/'demo').symlink_to(ROOT/'runs'/'demo')
+    news = root/'.settings'/'@jupyterlab'/'apputils-extension'   # no "get Jupyter news?" toast over the screenshots
+    news.mkdir(parents=True); (news/'notification.jupyterlab-settings').write_text('{"fetchNews": "false"}')
     port, token = free_port(), secrets.token_hex(16)
     env = {**os.environ, 'JUPYTER_CONFIG_DIR': str(root/'.cfg'), 'JUPYTERLAB_SETTINGS_DIR': str(root/'.settings'),
-           'JUPYTERLAB_WORKSPACES_DIR': str(root/'.ws'), 'JUPYTER_RUNTIME_DIR': str(root/'.rt'), 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2')}
+           'JUPYTERLAB_WORKSPACES_DIR': str(root/'.ws'), 'JUPYTER_RUNTIME_DIR': str(root/'.rt'), 'IN_TEST': '1',   # as under nbdev_test: the notebooks' closing nbdev_export() is a no-op
+           'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2')}
     log = open(root/'lab.log', 'w')
     p = subprocess.Popen([sys.executable, '-m', 'jupyterlab', '--no-browser', f'--port={port}', '--ip=127.0.0.1',
                           f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={root}', '--allow-root',
@@ -56,8 +59,13 @@ if (src && i < 0) { done('no cell with ' + src.join(' + ')); } else {
   const cmd = src ? (nb.activeCellIndex = i, 'notebook:run-all-above') : 'notebook:run-all-cells';
   app.commands.execute(cmd).then(() => src ? app.commands.execute('notebook:run-cell') : true).then(() => done(i), e => done(String(e)));
 }"""
-ERRORS = """return [...document.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
-  .map(e => e.innerText).filter(t => /Error|Traceback/.test(t)).map(t => t.slice(-600));"""
+ERRORS = """const nb = window.jupyterapp.shell.currentWidget.content, errs = [];
+nb.widgets.forEach((c, i) => {
+  if (c.model.type !== 'code') return;
+  const o = c.model.outputs;
+  for (let k = 0; k < o.length; k++) { const j = o.get(k).toJSON(); if (j.output_type === 'error') errs.push(`cell ${i}: ${j.ename}: ${j.evalue}`); }
+});
+return errs;"""
 
 def open_and_run(drv, lab, path, cell=None, timeout=600):
     "Open notebook `path` in JupyterLab, run it all (or up to and including the cell containing all of `cell`); return the cell index"
