@@ -6,7 +6,7 @@ import pytest, yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ['00_core', '00_data', '00a_synthetic', '01_generator', '02_patchgan', '03_training', '03a_metrics', '03b_callbacks', '03c_fit', '03d_distributed',
-            '04_cyclegan', '05_inference', '06_cli']
+            '04_cyclegan', '05_inference', '06_cli', '07_studio', '07a_studio_app', '08_hints']
 
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, ROOT/'tools'/f'{name}.py')
