@@ -167,7 +167,7 @@ class AdversarialTrainer(Callback):
 class Pix2Pix(nn.Module):
     "Generator `G` and discriminator `D` in one module (moved/saved together); calling it runs the generator."
     def __init__(self, G:nn.Module, D:nn.Module): super().__init__(); self.G, self.D = G, D
-    def forward(self, x): return self.G(x)
+    def forward(self, x, hints=None): return self.G(x) if hints is None else self.G(x, hints) # batches (A, hints): chapter 08
 
 class Pix2PixTrainer(AdversarialTrainer):
     "Every training batch: D step on (A,B)->real and (A,G(A))->fake (halved), then G step with D frozen: GAN + λ·L1."
@@ -348,10 +348,11 @@ def pix2pix_nets(size:int=256, # Image size
                  seed:int=None, # Seed of the initialisation (None: torch's current state)
                  generator=UnetGenerator, # Generator class (`UnetGenerator`, `EncoderDecoder`, `ResnetGenerator`) or its name
                  upsample:str='transpose', # Decoder up-sampling of the U-Net / encoder-decoder: 'transpose' or 'resize'
+                 hint_ch:int=0, # Extra generator input channels for colour hints (chapter 08); D still sees (sketch, photo)
                 ) -> tuple:
     "Freshly initialised (N(0, 0.02)) generator and conditional `PatchDiscriminator` (6 input channels)."
     if seed is not None: torch.manual_seed(seed)
-    G = init_weights(make_generator(generator, 3, 3, ngf, norm, dropout, size, upsample=upsample))
+    G = init_weights(make_generator(generator, 3, 3, ngf, norm, dropout, size, upsample=upsample, hint_ch=hint_ch))
     D = init_weights(PatchDiscriminator(6, ndf=ndf, n_layers=n_layers, norm=norm))
     return G, D
 

@@ -11,7 +11,7 @@ from functools import partial
 import torch, torch.nn as nn
 
 # %% auto #0
-__all__ = ['NORMS', 'UPSAMPLES', 'GENERATORS', 'get_norm', 'conv_bias', 'conv_norm_act', 'encoder_block', 'decoder_block', 'output_block', 'n_downs_for', 'enc_channels', 'EncoderDecoder', 'UnetGenerator', 'shape_table', 'n_params', 'init_weights', 'ResnetBlock', 'ResnetGenerator', 'make_generator', 'FORMAT', 'ModelFileError', 'export_generator', 'read_meta', 'load_generator']
+__all__ = ['NORMS', 'UPSAMPLES', 'GENERATORS', 'get_norm', 'conv_bias', 'conv_norm_act', 'encoder_block', 'decoder_block', 'output_block', 'n_downs_for', 'enc_channels', 'cat_hints', 'EncoderDecoder', 'UnetGenerator', 'shape_table', 'n_params', 'init_weights', 'ResnetBlock', 'ResnetGenerator', 'make_generator', 'FORMAT', 'ModelFileError', 'export_generator', 'read_meta', 'load_generator']
 
 # %% ../nbs/01_generator.ipynb #9590c33b
 NORMS = {'batch': partial(nn.BatchNorm2d, affine=True, track_running_stats=True),
@@ -107,6 +107,23 @@ def enc_channels(n_downs:int, ngf:int=64) -> list:
     "Output channels of each encoder block: ngf, 2ngf, 4ngf, 8ngf, 8ngf, ..."
     return [ngf * min(2**i, 8) for i in range(n_downs)]
 
+# %% ../nbs/01_generator.ipynb #d06d0282
+def _check_hint_ch(hint_ch):
+    if not isinstance(hint_ch, int) or isinstance(hint_ch, bool) or hint_ch < 0: raise ValueError(f"hint_ch={hint_ch!r}: need an int >= 0")
+
+def cat_hints(x:torch.Tensor, # Input batch (bs, C, H, W)
+              hints:torch.Tensor|None, # Hint channels (bs, hint_ch, H, W), or None for no hints
+              hint_ch:int, # Hint channels the network expects (0: it takes none)
+             ) -> torch.Tensor:
+    "`x` with its `hint_ch` hint channels appended (zeros when `hints` is None): the generator's real input."
+    if not hint_ch:
+        if hints is not None: raise ValueError("hints given to a generator without hint channels (hint_ch=0): train one with fit(hints=True)")
+        return x
+    want = (x.shape[0], hint_ch, *x.shape[2:])
+    if hints is None: return torch.cat([x, x.new_zeros(want)], 1)
+    if tuple(hints.shape) != want: raise ValueError(f"hints of shape {tuple(hints.shape)}: need {want} for an input of shape {tuple(x.shape)}")
+    return torch.cat([x, hints.to(x.dtype)], 1)
+
 # %% ../nbs/01_generator.ipynb #010f8c99
 class EncoderDecoder(nn.Module):
     "Encoder down to 1×1, decoder back up, no skips: the design the U-Net improves on"
@@ -120,6 +137,7 @@ class EncoderDecoder(nn.Module):
                  dropout:bool=True, # Dropout 0.5 in the three innermost decoder blocks
                  size:int=256, # Image size used to pick `n_downs` (any power of two 32..1024)
                  upsample:str='transpose', # Decoder up-sampling: 'transpose' (the paper's) or 'resize' (no checkerboard; see below)
+                 hint_ch:int=0, # Extra input channels for colour hints (chapter 08: RGB + mask = 4); zeros when none are given
                 ):
         super().__init__()
         nl = get_norm(norm)
@@ -127,12 +145,13 @@ class EncoderDecoder(nn.Module):
         if not isinstance(n_downs, int) or n_downs < 2: raise ValueError(f"n_downs={n_downs!r}: need an int >= 2")
         for k, v in dict(in_ch=in_ch, out_ch=out_ch, ngf=ngf).items():
             if not isinstance(v, int) or v < 1: raise ValueError(f"{k}={v!r}: need a positive int")
+        _check_hint_ch(hint_ch)
         self.hparams = dict(in_ch=in_ch, out_ch=out_ch, ngf=ngf, n_downs=n_downs,
                             norm=norm if isinstance(norm, str) else getattr(norm, '__name__', repr(norm)),
-                            dropout=bool(dropout), size=size, upsample=upsample)
+                            dropout=bool(dropout), size=size, upsample=upsample, hint_ch=hint_ch)
         ch, m, bias = enc_channels(n_downs, ngf), 2 if self.skips else 1, conv_bias(nl)
         self.encoder = nn.ModuleList(   # the norm-less first and innermost convs follow the net's bias rule (as the reference)
-            [encoder_block(in_ch, ch[0], bias=bias)] +
+            [encoder_block(in_ch + hint_ch, ch[0], bias=bias)] +
             [encoder_block(ch[i-1], ch[i], nl) for i in range(1, n_downs-1)] +
             [encoder_block(ch[-2], ch[-1], None, nn.ReLU(True), bias=bias)])
         # decoder[0] is the innermost; decoder[j] outputs the channels of encoder block n_downs-2-j
@@ -147,8 +166,9 @@ class EncoderDecoder(nn.Module):
         if x.ndim != 4 or h % self.min_size or w % self.min_size:
             raise ValueError(f"input shape {tuple(x.shape)}: need (bs, {self.hparams['in_ch']}, H, W) with H and W multiples of {self.min_size}")
 
-    def forward(self, x):
+    def forward(self, x, hints=None):
         self.check_input(x)
+        x = cat_hints(x, hints, self.hparams['hint_ch'])
         feats = []
         for blk in self.encoder: x = blk(x); feats.append(x)
         feats.pop()                      # the bottleneck is the decoder's input, not a skip
@@ -215,12 +235,14 @@ class ResnetGenerator(nn.Module):
                  norm:str='instance', # 'instance' | 'batch' | 'none' (see `get_norm`)
                  dropout:float=0., # Dropout inside the residual blocks (the reference's `--no_dropout` is 0)
                  n_downs:int=2, # Stride-2 down-samplings (and as many up-samplings)
+                 hint_ch:int=0, # Extra input channels for colour hints (chapter 08), zeros when none are given
                 ):
         super().__init__()
         if n_blocks < 0 or n_downs < 0: raise ValueError(f'n_blocks and n_downs must be >= 0, got {n_blocks}, {n_downs}')
-        self.hparams = dict(in_ch=in_ch, out_ch=out_ch, ngf=ngf, n_blocks=n_blocks, norm=norm, dropout=dropout, n_downs=n_downs)
+        _check_hint_ch(hint_ch)
+        self.hparams = dict(in_ch=in_ch, out_ch=out_ch, ngf=ngf, n_blocks=n_blocks, norm=norm, dropout=dropout, n_downs=n_downs, hint_ch=hint_ch)
         nl = get_norm(norm)
-        enc = conv_norm_act(in_ch, ngf, 7, norm_layer=nl, act=nn.ReLU(True), reflect=True)
+        enc = conv_norm_act(in_ch + hint_ch, ngf, 7, norm_layer=nl, act=nn.ReLU(True), reflect=True)
         for i in range(n_downs): enc += conv_norm_act(ngf*2**i, ngf*2**(i+1), 3, 2, norm_layer=nl, act=nn.ReLU(True))
         self.encoder = nn.Sequential(*enc)
         self.blocks = nn.Sequential(*[ResnetBlock(ngf*2**n_downs, nl, dropout) for _ in range(n_blocks)])
@@ -228,10 +250,10 @@ class ResnetGenerator(nn.Module):
         for i in range(n_downs, 0, -1): dec += conv_norm_act(ngf*2**i, ngf*2**(i-1), 3, 2, norm_layer=nl, act=nn.ReLU(True), transpose=True, output_padding=1)
         self.decoder = nn.Sequential(*dec, nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7), nn.Tanh())
         self.factor = 2**n_downs
-    def forward(self, x):
+    def forward(self, x, hints=None):
         if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
             raise ValueError(f'ResnetGenerator: image size {tuple(x.shape[-2:])} must be a multiple of {self.factor}')
-        return self.decoder(self.blocks(self.encoder(x)))
+        return self.decoder(self.blocks(self.encoder(cat_hints(x, hints, self.hparams['hint_ch']))))
 
 # %% ../nbs/01_generator.ipynb #958adb04
 GENERATORS = dict(unet=UnetGenerator, encoder_decoder=EncoderDecoder, resnet=ResnetGenerator)
@@ -244,15 +266,17 @@ def make_generator(arch=UnetGenerator, # A generator class (or callable with the
                    size:int=256, # Training image size (U-Net depth; ResNet: 9 blocks from 256 px, else 6)
                    n_blocks:int=None, # ResNet blocks (default from `size`)
                    upsample:str='transpose', # U-Net / encoder-decoder up-sampling: 'transpose' or 'resize' (see `decoder_block`)
+                   hint_ch:int=0, # Extra input channels for colour hints (0: none; chapter 08)
                   ) -> nn.Module:
     "A freshly built generator of kind `arch` (not initialised: see `init_weights`)."
+    hk = {'hint_ch': hint_ch} if hint_ch else {}   # a user's own callable need not know about hints
     if isinstance(arch, str):
         if arch not in GENERATORS: raise ValueError(f"generator={arch!r}: expected one of {sorted(GENERATORS)} or a generator class")
         arch = GENERATORS[arch]
     if isinstance(arch, type) and issubclass(arch, ResnetGenerator):
         if upsample != 'transpose': raise ValueError(f"upsample={upsample!r}: the ResNet generator has only transposed convolutions")
-        return arch(in_ch, out_ch, ngf, n_blocks if n_blocks is not None else (9 if size >= 256 else 6), norm, 0.5 if dropout else 0.)
-    return arch(in_ch, out_ch, ngf, norm=norm, dropout=dropout, size=size, upsample=upsample)
+        return arch(in_ch, out_ch, ngf, n_blocks if n_blocks is not None else (9 if size >= 256 else 6), norm, 0.5 if dropout else 0., **hk)
+    return arch(in_ch, out_ch, ngf, norm=norm, dropout=dropout, size=size, upsample=upsample, **hk)
 
 # %% ../nbs/05_inference.ipynb #093de51a
 import pix2pix_nb

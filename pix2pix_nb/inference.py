@@ -15,6 +15,7 @@ from fastprogress.fastprogress import progress_bar
 from .data import load_rgb, pair_dl
 from .generator import export_generator, load_generator, read_meta, ModelFileError
 from .metrics import image_metrics
+from .hints import render_hints
 
 # %% auto #0
 __all__ = ['net_multiple', 'prepare', 'colorize', 'fid_available', 'write_report', 'evaluate', 'expand_inputs', 'colorize_files',
@@ -73,14 +74,21 @@ def colorize(model:nn.Module, # Generator (e.g. from `load_generator`)
              dropout:bool=False, # Keep dropout on (the paper's test-time noise); off gives repeatable output
              device=None, # Run on this device (default: the model's)
              bs:int=8, # Images per forward pass when given a list (same-shaped inputs are batched)
+             hints=None, # Colour hints for a hint model (chapter 08): `Point`s, `Stroke`s, (x, y, color) tuples or an RGBA hint image; for a list of images, one such entry (or None) per image
             ):
     "Colourise one image (-> PIL) or a list (-> list of PIL), each output of its input's original size"
     single = not isinstance(image, (list, tuple))
     imgs = [_to_pil(o) for o in ([image] if single else image)]
+    hl = [hints] if single else [None] * len(imgs) if hints is None else list(hints)
+    if len(hl) != len(imgs): raise ValueError(f"colorize: {len(hl)} hint entries for {len(imgs)} images: give one (or None) per image")
+    takes = bool(getattr(model, 'hparams', {}).get('hint_ch'))
+    if not takes and any(h is not None for h in hl): raise ValueError("colorize: hints given, but this generator takes none (hint_ch=0): train one with fit(hints=True)")
     size, m = size or _model_size(model), net_multiple(model)
     dev = torch.device(device) if device else next(model.parameters()).device
     model = model.to(dev)
     preps = [prepare(im, size, m) for im in imgs]
+    hint = lambda i: render_hints([] if hl[i] is None else hl[i], imgs[i].size, preps[i][1], tuple(preps[i][0].shape[:1:-1]))
+    Hs = [hint(i) for i in range(len(imgs))] if takes else None   # checked before any network work
     outs = [None] * len(imgs)
     groups = {}
     for i, (x, _) in enumerate(preps): groups.setdefault(tuple(x.shape), []).append(i)
@@ -88,7 +96,8 @@ def colorize(model:nn.Module, # Generator (e.g. from `load_generator`)
         for idx in groups.values():
             for j in range(0, len(idx), bs):
                 chunk = idx[j:j+bs]
-                y = model(torch.cat([preps[i][0] for i in chunk]).to(dev)).float().cpu()
+                x = torch.cat([preps[i][0] for i in chunk]).to(dev)
+                y = (model(x, torch.cat([Hs[i] for i in chunk]).to(dev)) if takes else model(x)).float().cpu()
                 for i, yi in zip(chunk, y):
                     cw, ch = preps[i][1]
                     outs[i] = to_pil(yi[:, :ch, :cw]).resize(imgs[i].size, Image.BICUBIC)
