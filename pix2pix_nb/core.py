@@ -9,10 +9,15 @@ from pathlib import Path
 import numpy as np
 import matplotlib.pyplot as plt
 from PIL import Image, ImageOps, UnidentifiedImageError
-# fastai's import-time `torch.jit.script` calls warn on torch >= 2.10: a notice for fastai, not for our users.
-# This module is imported before fastai everywhere in pix2pix_nb, so the filter is in place in time.
-warnings.filterwarnings('ignore', message=r'.*torch\.jit\.script.* is deprecated')   # torch's deprecation notice, raised inside fastai
 import torch, torch.nn as nn
+# fastai's import-time `torch.jit.script` calls (fastai.layers) warn on torch >= 2.10: a notice for fastai, not for our
+# users. This module is imported before fastai everywhere in pix2pix_nb: it imports fastai.layers once, with the notice
+# silenced, and keeps a filter for any later call.
+_JIT_NOTICE = r'.*torch\.jit\.script.* is deprecated'
+with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', message=_JIT_NOTICE)
+    import fastai.layers
+warnings.filterwarnings('ignore', message=_JIT_NOTICE)
 import torch.distributed as dist
 from torchvision.utils import make_grid
 from fastcore.imports import IN_NOTEBOOK
