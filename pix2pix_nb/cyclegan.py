@@ -402,6 +402,7 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
                  device=None, # 'cuda', 'mps', 'cpu' or None for the best available
                  precision:str='auto', # 'auto' (bf16 where it is faster, see `fast_bf16`, else fp32), 'fp32', 'bf16' or 'fp16'
                  channels_last:bool=None, # channels_last memory format (None: with 'auto' bf16)
+                 compile:bool=False, # `torch.compile` the four networks (`CompileNets`)
                  n_grid:int=4, # Validation samples in the epoch grids
                  grid_every:int=1, # Epoch grids every N epochs
                  seed:int=0, # Random seed (init, data order, pools)
@@ -413,7 +414,7 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
                  cbs=None, # Extra callbacks
                 ) -> Learner:
     "Train CycleGAN on two unpaired image sets and return the `Learner` (`learn.model.G_A`: A → B)."
-    run = start_run(out, epochs, epochs_decay, device, precision, channels_last, resume, distributed, seed,
+    run = start_run(out, epochs, epochs_decay, device, precision, channels_last, resume, distributed, seed, compile,
                     size=size, bs=bs, save_every=save_every, grid_every=grid_every, n_grid=n_grid)
     gan_loss = get_gan_loss(gan_loss)
     model = cyclegan_model(generator, ngf, ndf, n_blocks, n_layers, norm, size)   # cheap checks (size, norm) before the data
@@ -426,7 +427,7 @@ def fit_cyclegan(source_a='synthetic', # Domain A folder, a root with trainA/ tr
     cfg = dict(model='cyclegan', source_a=str(source_a), source_b=None if source_b is None else str(source_b), valid=None if valid is None else str(valid),
                size=size, bs=bs, lr=lr, lambda_a=lambda_a, lambda_b=lambda_b, lambda_idt=lambda_idt, pool_size=pool_size,
                gan_loss=getattr(gan_loss, '__name__', str(gan_loss)), generator=getattr(generator, '__name__', str(generator)),
-               ngf=ngf, ndf=ndf, n_blocks=model.G_A.hparams.get('n_blocks'), n_layers=n_layers, norm=norm, load_size=load_size)
+               ngf=ngf, ndf=ndf, n_blocks=model.G_A.hparams.get('n_blocks'), n_layers=n_layers, norm=norm, load_size=load_size, compile=compile)
     exp = lambda l: export_cyclegan(l, run.out, size=size, source_a=str(source_a), epochs=epochs)
     return run_fit(learn, run, lr, cfg, progress, exp if export else None)
 

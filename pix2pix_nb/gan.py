@@ -377,8 +377,15 @@ def compare_l1_gan(dls, # Paired data
         set_seed(seed); learn.fit(epochs, cbs=LinearDecayLR(learn.lr, epochs - epochs_decay, epochs_decay)); out.append(learn)
     return tuple(out)
 
-def show_l1_gan(learn_l1, learn_gan, n:int=4, size:int=128):
-    "Validation samples: input | target | L1 alone | L1 + cGAN (PIL image)."
+def show_l1_gan(learn_l1, learn_gan, n:int=4, size:int=128, scale:float=1.5):
+    "Validation samples in titled columns: input | target | L1 alone | L1 + cGAN (a matplotlib figure)."
     A, B = next(iter(learn_gan.dls.valid)); A, B = _plain(A)[:n], _plain(B)[:n]
     with inference_mode(learn_l1.model) as g1, inference_mode(learn_gan.model) as g2: cols = [A, B, g1(A), g2(A)]
-    return tile(cols, size)
+    im = tile(cols, size)
+    fig, ax = plt.subplots(figsize=(scale * im.width / 100, scale * im.height / 100 + 0.35), dpi=100)
+    ax.imshow(im); ax.set_yticks([]); ax.tick_params(length=0, labelsize=10)
+    ax.set_xticks([(j + 0.5) * im.width / len(cols) for j in range(len(cols))], ['input', 'target', 'L1 alone', 'L1 + cGAN'])
+    ax.xaxis.tick_top()
+    for s in ax.spines.values(): s.set_visible(False)
+    fig.tight_layout(); plt.close(fig)
+    return fig

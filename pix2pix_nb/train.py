@@ -56,6 +56,7 @@ def start_run(out, # Run folder
               resume=None, # Checkpoint to continue from (True: out/checkpoint.pt)
               distributed:bool=None, # Data-parallel under torchrun (default: when WORLD_SIZE > 1)
               seed:int=0, # Seed of everything random
+              compile:bool=False, # `torch.compile` the networks (`CompileNets`)
               **positive, # Further arguments that must be positive integers (size, bs, save_every, ...)
              ) -> SimpleNamespace:
     "Check and resolve everything a run needs before data and networks are built; returns the run's settings."
@@ -71,7 +72,8 @@ def start_run(out, # Run folder
     if resume is True: resume = out/'checkpoint.pt'
     set_seed(seed)
     return SimpleNamespace(out=out, epochs=epochs, epochs_decay=epochs_decay, dev=dev, precision=precision, channels_last=channels_last,
-                           resume=resume, distributed=distributed, main=is_main_process(), seed=seed)
+                           resume=resume, distributed=distributed, main=is_main_process(), seed=seed,
+                           compile=compile)
 
 # %% ../nbs/03c_fit.ipynb #137706a1
 def run_callbacks(run:SimpleNamespace, # From `start_run`
@@ -79,10 +81,11 @@ def run_callbacks(run:SimpleNamespace, # From `start_run`
                   grids:list, # Epoch-grid callbacks (main process only)
                   cbs=None, # Extra callbacks
                  ) -> list:
-    "The callbacks every run gets: NaN guard, checkpoints, grids + loss curves (main process), precision, data parallelism."
+    "The callbacks every run gets: NaN guard, checkpoints, grids + loss curves (main process), precision, compiling, data parallelism."
     cb = [NanGuard(), Checkpoint(run.out/'checkpoint.pt', every=save_every)]
     if run.main: cb += list(grids) + [LossCurves(run.out/'losses.png')]
     cb += precision_callbacks(run.precision, run.channels_last)
+    if getattr(run, 'compile', False): cb.append(CompileNets())
     if run.distributed: cb.append(DistributedGAN())
     return cb + list(L(cbs))
 
@@ -116,14 +119,15 @@ PRESETS = {
     # ~5 minutes on 2 CPU cores: 128 px (a 7-level U-Net), half-width nets, batch 4, the 70x70 PatchGAN.
     'cpu': dict(size=128, bs=4, ngf=32, ndf=32, n_layers=3, epochs=14, epochs_decay=7, lr=2e-4, num_workers=0),
     # Real building sketches on a CPU: label sketches of the CMP facades (`source='facades'`, 360 train / 40 held out),
-    # 128 px, half-width nets, 50 epochs (25 + 25 of decay); ~20 s an epoch on 2 cores (see `make showcase`).
-    'facades-cpu': dict(source='facades', size=128, bs=4, ngf=32, ndf=32, n_layers=3, epochs=50, epochs_decay=25, lr=2e-4,
-                        upsample='transpose', num_workers=0),
+    # 128 px, half-width nets, 50 epochs (25 + 25 of decay), a 34x34 PatchGAN (the same share of a 128 px image as
+    # 70x70 of a 256 px one) and the generator's weights averaged (EMA 0.999); ~20-35 s an epoch on 2 cores (`make showcase`).
+    'facades-cpu': dict(source='facades', size=128, bs=4, ngf=32, ndf=32, n_layers=2, epochs=50, epochs_decay=25, lr=2e-4,
+                        upsample='transpose', ema=0.999, num_workers=0),
     # Colour hints (chapter 08) on the synthetic sketches: 64 px, half-width nets, 36 epochs; ~6 minutes on 2 CPU cores.
     'hints-cpu': dict(size=64, bs=4, ngf=32, ndf=32, n_layers=2, epochs=36, epochs_decay=18, lr=2e-4, num_workers=0, hints=True),
 }
 
-# %% ../nbs/03c_fit.ipynb #5d13e591
+# %% ../nbs/03c_fit.ipynb #8e4f19f8
 def hint_sampler(hints) -> callable:
     "`fit`'s `hints=`: False/None -> no hints, True -> `HintSampler()`, a callable `sampler(B, gen) -> hints` as it is."
     if hints is None or hints is False: return None
@@ -148,6 +152,7 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
         norm:str='batch', # 'batch', 'instance' or 'none'
         dropout:bool=True, # Dropout in the generator's decoder (the paper's noise)
         test_dropout:bool=False, # Keep dropout on when validating and drawing grids (paper's test mode)
+        ema:float=None, # Average G's weights over training (`GeneratorEMA`, e.g. 0.999): validation, grids and the export use the average
         hints=False, # Colour hints (chapter 08): True trains with simulated hints (`HintSampler()`), or pass a sampler `sampler(B, gen) -> hints`
         out='runs/pix2pix', # Output folder
         save_every:int=5, # Checkpoint every N epochs (and at the end)
@@ -155,6 +160,7 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
         device=None, # 'cuda', 'mps', 'cpu' or None for the best available
         precision:str='auto', # 'auto' (bf16 where it is faster, see `fast_bf16`, else fp32), 'fp32', 'bf16' or 'fp16' (fp16 adds a GradScaler per optimiser)
         channels_last:bool=None, # channels_last memory format (None: with 'auto' bf16)
+        compile:bool=False, # `torch.compile` G and D (`CompileNets`: compile time reported apart; see BENCHMARKS.md for when it pays)
         n_grid:int=4, # Validation samples in the epoch grids
         grid_every:int=1, # Epoch grid every N epochs
         seed:int=0, # Random seed (data split, init, dropout)
@@ -166,7 +172,7 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
         cbs=None, # Extra callbacks
        ) -> Learner:
     "Train pix2pix on `source` and return the fastai `Learner` (`learn.model.G` is the generator)."
-    run = start_run(out, epochs, epochs_decay, device, precision, channels_last, resume, distributed, seed,
+    run = start_run(out, epochs, epochs_decay, device, precision, channels_last, resume, distributed, seed, compile,
                     size=size, bs=bs, save_every=save_every, grid_every=grid_every, n_grid=n_grid)
     gan_loss = get_gan_loss(gan_loss)
     sampler = hint_sampler(hints)
@@ -177,10 +183,11 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
     grid_kw = dict(panels=hint_panels(seed=seed), n_fixed=3) if sampler else {}
     grids = [EpochGrid(n_grid, run.out, every=grid_every, widget=None if progress else False, **grid_kw)]
     learn = pix2pix_learner(dls, G, D, lambda_l1=lambda_l1, gan_loss=gan_loss, lr=lr, test_dropout=test_dropout,
-                            cbs=[HintCallback(sampler, seed)] * bool(sampler) + run_callbacks(run, save_every, grids, cbs))
+                            cbs=[HintCallback(sampler, seed)] * bool(sampler) + ([GeneratorEMA(ema)] if ema else [])
+                                 + run_callbacks(run, save_every, grids, cbs))
     cfg = dict(source=str(source), size=size, bs=bs, lr=lr, lambda_l1=lambda_l1, gan_loss=getattr(gan_loss, '__name__', str(gan_loss)),
                direction=direction, generator=getattr(generator, '__name__', str(generator)), upsample=upsample, ngf=ngf, ndf=ndf, n_layers=n_layers,
-               norm=norm, dropout=dropout, test_dropout=test_dropout, load_size=load_size, hints=repr(sampler) if sampler else False)
+               norm=norm, dropout=dropout, test_dropout=test_dropout, load_size=load_size, ema=ema, compile=compile, hints=repr(sampler) if sampler else False)
     exp = lambda l: export_generator(l, run.out/'generator.safetensors', direction=direction, size=size, source=str(source),
                                      epochs=epochs, test_dropout=test_dropout, hints=bool(sampler))
     return run_fit(learn, run, lr, cfg, progress, exp if export else None)
