@@ -175,13 +175,16 @@ def unpaired_dls(source_a='synthetic', # Folder of domain A, a root with `trainA
 
 # %% ../nbs/04_cyclegan.ipynb #2aac1f08
 def show_unpaired(dls, n:int=4, figsize=None):
-    "Show `n` training images of each domain: A on the top row, B below (random, unrelated draws)."
-    a, b = dls.one_batch() if dls.bs >= n else map(torch.cat, zip(*[dls.one_batch() for _ in range(math.ceil(n/dls.bs))]))
-    fig, axs = plt.subplots(2, n, figsize=figsize or (2*n, 4.3))
+    "Show `n` training sketches of domain A (top row) and `n` different photos of domain B (bottom row): unrelated draws."
+    a = dls.one_batch()[0] if dls.bs >= n else torch.cat([dls.one_batch()[0] for _ in range(math.ceil(n/dls.bs))])
+    fb = domain_files(dls.sources['B'])
+    size = a.shape[-1]
+    b = [load_pil(f).resize((size, size)) for f in random.sample(fb, min(n, len(fb)))]   # distinct files, no repeats
+    fig, axs = plt.subplots(2, n, figsize=figsize or (2*n, 4.3), dpi=100)
     for j in range(n):
-        for i, (row, name) in enumerate(((a, 'A'), (b, 'B'))):
-            axs[i, j].imshow(denorm(row[j]).cpu().permute(1, 2, 0)); axs[i, j].axis('off')
-        axs[0, j].set_title(f'A {j}'); axs[1, j].set_title(f'B {j}')
+        axs[0, j].imshow(denorm(a[j]).cpu().permute(1, 2, 0)); axs[0, j].set_title(f'A {j}')
+        if j < len(b): axs[1, j].imshow(b[j]); axs[1, j].set_title(f'B {j}')
+        axs[0, j].axis('off'); axs[1, j].axis('off')
     fig.suptitle('domain A (sketches) | domain B (facades): no correspondence'); fig.tight_layout()
     return fig
 
