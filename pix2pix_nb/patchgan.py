@@ -84,15 +84,9 @@ class PixelDiscriminator(nn.Sequential):
 # %% ../nbs/02_patchgan.ipynb #c564313a
 def conv_stack_rf(model:nn.Module, # Any network whose convolutions run in `modules()` order
                  ) -> int:
-    "Receptive field (pixels) of one output cell of a chain of convolutions: r += (k-1)*jump; jump *= stride"
-    r, jump = 1, 1
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            k, s = [v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride)]
-            d = m.dilation if isinstance(m, nn.Conv2d) else 1
-            d = d if isinstance(d, int) else d[0]
-            r += (k - 1) * d * jump; jump *= s
-    return r
+    "Receptive field (pixels) of one output cell of a chain of convolutions: r += (k-1)*jump; jump *= stride (see `rf_table`)"
+    rows = rf_table(model)
+    return rows[-1][-1] if rows else 1
 
 def receptive_field(n_layers:int|nn.Module=3, # PatchGAN `n_layers` (0 = the 1×1 PixelGAN), or a built network
                    ) -> int:

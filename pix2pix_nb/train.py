@@ -85,7 +85,7 @@ def run_callbacks(run:SimpleNamespace, # From `start_run`
     cb = [NanGuard(), Checkpoint(run.out/'checkpoint.pt', every=save_every)]
     if run.main: cb += list(grids) + [LossCurves(run.out/'losses.png')]
     cb += precision_callbacks(run.precision, run.channels_last)
-    if getattr(run, 'compile', False): cb.append(CompileNets())
+    if run.compile: cb.append(CompileNets())
     if run.distributed: cb.append(DistributedGAN())
     return cb + list(L(cbs))
 
