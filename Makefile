@@ -92,6 +92,7 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/perf.py $(PERF_ARGS)
+	$(BIN)/python benchmarks/infer.py $(INFER_ARGS)
 
 # Real-browser tests (tests/browser/, not part of `make test`): the sketch studio's web app and its Jupyter widget, and
 # chapter 03's epoch-grid slider inside a real JupyterLab server, in headless Chromium driven by Selenium. Installs the

@@ -9,16 +9,15 @@ import sys, inspect, argparse, typing
 from pathlib import Path
 from types import SimpleNamespace
 from fastcore.docments import docments
-from fastcore.script import anno_parser, Param
 from .generator import load_generator, ModelFileError
 from .callbacks import NonFiniteLossError, CheckpointError
 from .train import fit, demo, PRESETS
 from .cyclegan import fit_cyclegan, facades_unpaired
-from .inference import expand_inputs, colorize_files
+from .inference import expand_inputs, colorize_files, check_files_args
 
 # %% auto #0
-__all__ = ['EXIT_INTERRUPTED', 'TRAIN_API_ONLY', 'CYCLEGAN_API_ONLY', 'CYCLEGAN_PRESETS', 'OneLineParser', 'cli_parser',
-           'merge_preset', 'run_cli', 'pix2pix_train', 'pix2pix_demo', 'pix2pix_cyclegan', 'colorize_cli',
+__all__ = ['EXIT_INTERRUPTED', 'TRAIN_API_ONLY', 'CYCLEGAN_API_ONLY', 'CYCLEGAN_PRESETS', 'COLORIZE_POSITIONAL', 'OneLineParser',
+           'cli_parser', 'merge_preset', 'run_cli', 'pix2pix_train', 'pix2pix_demo', 'pix2pix_cyclegan', 'colorize_cli',
            'pix2pix_colorize']
 
 # %% ../nbs/06_cli.ipynb #ff304f9b
@@ -149,29 +148,40 @@ def pix2pix_cyclegan(argv:list=None, # Arguments (default: sys.argv[1:])
                    description=pix2pix_cyclegan.__doc__)
 
 # %% ../nbs/06_cli.ipynb #f6054687
+COLORIZE_POSITIONAL = ('model', 'inputs')   # positional arguments of `pix2pix_colorize`; every other argument is a flag
+
 def colorize_cli(model:str, # Generator .safetensors written by export_generator (with its .json)
-                 inputs:Param('Images, folders or globs', str, nargs='+'),
+                 inputs:list, # Images, folders or globs
                  out:str='colorized', # Output folder (also `-o`)
                  size:int=None, # Short side fed to the network (default: training size)
                  dropout:bool=False, # Keep dropout on (paper's test-time noise)
                  device:str=None, # 'cpu', 'cuda', ... (default: best available)
                  overwrite:bool=False, # Replace existing outputs
                  quiet:bool=False, # No progress bar
+                 bs:int=8, # Images per forward pass (inputs of the same shape after resizing are batched)
+                 precision:str='auto', # 'auto' (bf16 + channels_last where bf16 is faster, see `fast_bf16`, else fp32), 'fp32', 'bf16' or 'fp16'
+                 channels_last:bool=None, # channels_last memory format (None: with 'auto' bf16)
+                 compile:bool=False, # torch.compile the generator (a cold compile costs more than it saves on a CPU: BENCHMARKS.md)
+                 hints:str=None, # Hint model only: folder of RGBA hint layers named like the inputs (<stem>.png)
                 ) -> int:
-    "Colourise sketches with a trained pix2pix generator: one PNG per input in OUTDIR. Exit 1 if an input failed, 2 if the model did"
-    try: G = load_generator(model, get_device(device))
-    except (ModelFileError, FileNotFoundError, ValueError) as e: print(f'error: {e}', file=sys.stderr); return 2
-    files, errs = expand_inputs(inputs)
+    "Colourise sketches with a trained pix2pix generator: one PNG per input in OUTDIR. Exit 1 if an input failed, 2 if the model or a flag did"
+    err = lambda e: (print(f'pix2pix_colorize: error: {_one_line(e)}', file=sys.stderr), 2)[1]
+    try:
+        G = load_generator(model, get_device(device))
+        check_files_args(G, size, bs, precision, channels_last, hints)
+    except (ModelFileError, FileNotFoundError, ValueError) as e: return err(e)
+    files, errs = expand_inputs([inputs] if isinstance(inputs, (str, Path)) else inputs)
     for e in errs: print(e, file=sys.stderr)
-    written, skipped, failed = colorize_files(G, files, out, size, dropout, overwrite, progress=not quiet,
-                                              log=lambda s: print(s, file=sys.stderr))
+    written, skipped, failed = colorize_files(G, files, out, size, dropout, overwrite, progress=not quiet, log=lambda s: print(s, file=sys.stderr),
+                                              bs=bs, precision=precision, channels_last=channels_last, compile=compile, hints=hints)
     print(f'{len(written)} written to {out}, {len(skipped)} kept, {len(failed) + len(errs)} failed')
     return 1 if failed or errs else 0
 
 def pix2pix_colorize(argv:list=None, # Arguments (default: sys.argv[1:])
                     ) -> int:
-    "Console script: fastcore's `anno_parser` of `colorize_cli`, with `-o` accepted for `--out`"
-    p = anno_parser(colorize_cli, 'pix2pix_colorize')
-    args = ['--out' if a == '-o' else a for a in (sys.argv[1:] if argv is None else list(map(str, argv)))]
-    kw = {k: v for k, v in vars(p.parse_args(args)).items() if k not in ('pdb', 'xtra')}
-    return colorize_cli(**kw)
+    "Console script: `cli_parser` of `colorize_cli` (one flag per argument), MODEL and INPUTS positional, `-o` for `--out`"
+    p = cli_parser(colorize_cli, 'pix2pix_colorize', api_only=COLORIZE_POSITIONAL)
+    docs = docments(colorize_cli)
+    p.add_argument('model', help=docs['model']); p.add_argument('inputs', nargs='+', help=docs['inputs'])
+    p.add_argument('-o', dest='out', help='Same as --out')
+    return colorize_cli(**vars(p.parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv])))

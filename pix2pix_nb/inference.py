@@ -5,7 +5,7 @@
 # %% ../nbs/05_inference.ipynb #ae942263
 from __future__ import annotations
 from .core import *
-import io, json, glob, html, sys, warnings
+import io, json, glob, html, sys, warnings, contextlib
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from PIL import Image
@@ -16,10 +16,11 @@ from .data import load_rgb, pair_dl
 from .generator import export_generator, load_generator, read_meta, ModelFileError
 from .metrics import image_metrics
 from .hints import render_hints
+from .callbacks import PRECISIONS, resolve_precision, compile_supported
 
 # %% auto #0
-__all__ = ['net_multiple', 'prepare', 'colorize', 'fid_available', 'write_report', 'evaluate', 'expand_inputs', 'colorize_files',
-           'upload_demo']
+__all__ = ['net_multiple', 'prepare', 'inference_engine', 'colorize', 'fid_available', 'write_report', 'evaluate',
+           'expand_inputs', 'check_files_args', 'colorize_files', 'upload_demo']
 
 # %% ../nbs/05_inference.ipynb #3af45e15
 def _to_pil(image) -> Image.Image:
@@ -68,6 +69,53 @@ def _model_size(model) -> int:
     meta = getattr(model, 'meta', {}) or {}
     return int(meta.get('size') or model.hparams.get('size') or 256)
 
+_OOM = (MemoryError, getattr(torch, 'OutOfMemoryError', MemoryError))
+
+def _check_bs(bs):
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1: raise ValueError(f"bs={bs!r}: must be a positive integer")
+
+@contextlib.contextmanager
+def inference_engine(model:nn.Module, # Generator
+                     device=None, # Run on this device (default: the model's)
+                     precision:str='auto', # 'auto' (bf16 where `fast_bf16` says it is faster, else fp32), 'fp32', 'bf16' or 'fp16'
+                     channels_last:bool=None, # channels_last memory format (None: exactly when 'auto' picks bf16)
+                     compile:bool=False, # `torch.compile` the generator (each new input shape compiles once)
+                     dropout:bool=False, # Keep dropout on
+                    ):
+    "`inference_mode` on `device` with autocast, memory format and optional compile: yields `run(x, hints=None)` -> fp32 output on the CPU; the model's modes and memory format are restored after"
+    dev = torch.device(device) if device else next(model.parameters()).device
+    prec, cl = resolve_precision(precision, channels_last, dev)
+    model.to(dev)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    if cl: model.to(memory_format=torch.channels_last)
+    net, compiled = model, False
+    if compile:
+        ok, why = compile_supported(dev)
+        if ok: net, compiled = torch.compile(model, dynamic=False), True
+        else: print(f"compile: not available on {dev.type} here ({why}); running eagerly", file=sys.stderr)
+    dt = PRECISIONS[prec]
+    def run(x:torch.Tensor, h:torch.Tensor=None) -> torch.Tensor:
+        nonlocal net
+        args = [t.to(dev, memory_format=fmt) for t in ((x,) if h is None else (x, h))]
+        with (torch.autocast(dev.type, dtype=dt) if dt else contextlib.nullcontext()):
+            try: y = net(*args)
+            except _OOM: raise
+            except Exception as e:
+                if net is model: raise
+                print(f"compile: failed ({' '.join(str(e).split())[:160]}); running eagerly", file=sys.stderr)
+                net = model; y = net(*args)
+        return y.float().cpu()
+    run.precision, run.channels_last, run.compiled, run.device = prec, cl, compiled, dev
+    try:
+        with inference_mode(model, dropout=dropout): yield run
+    finally:
+        if cl: model.to(memory_format=torch.contiguous_format)
+
+def _restore(y:torch.Tensor, crop:tuple, size:tuple) -> Image.Image:
+    "A network output (3, H, W): crop the padding away (`crop` = (w, h) before padding), resize back to the input's `size`"
+    cw, ch = crop
+    return to_pil(y[:, :ch, :cw]).resize(size, Image.BICUBIC)
+
 def colorize(model:nn.Module, # Generator (e.g. from `load_generator`)
              image, # Path, PIL image, numpy array, tensor, or a list of them
              size:int=None, # Short side fed to the net (default: the training size from the sidecar/hparams)
@@ -75,8 +123,12 @@ def colorize(model:nn.Module, # Generator (e.g. from `load_generator`)
              device=None, # Run on this device (default: the model's)
              bs:int=8, # Images per forward pass when given a list (same-shaped inputs are batched)
              hints=None, # Colour hints for a hint model (chapter 08): `Point`s, `Stroke`s, (x, y, color) tuples or an RGBA hint image; for a list of images, one such entry (or None) per image
+             precision:str='auto', # 'auto' (bf16 where it is faster, see `fast_bf16`, else fp32), 'fp32', 'bf16' or 'fp16'
+             channels_last:bool=None, # channels_last memory format (None: with 'auto' bf16)
+             compile:bool=False, # `torch.compile` the generator (pays off only over many images; see BENCHMARKS.md)
             ):
     "Colourise one image (-> PIL) or a list (-> list of PIL), each output of its input's original size"
+    _check_bs(bs)
     single = not isinstance(image, (list, tuple))
     imgs = [_to_pil(o) for o in ([image] if single else image)]
     hl = [hints] if single else [None] * len(imgs) if hints is None else list(hints)
@@ -84,23 +136,18 @@ def colorize(model:nn.Module, # Generator (e.g. from `load_generator`)
     takes = bool(getattr(model, 'hparams', {}).get('hint_ch'))
     if not takes and any(h is not None for h in hl): raise ValueError("colorize: hints given, but this generator takes none (hint_ch=0): train one with fit(hints=True)")
     size, m = size or _model_size(model), net_multiple(model)
-    dev = torch.device(device) if device else next(model.parameters()).device
-    model = model.to(dev)
     preps = [prepare(im, size, m) for im in imgs]
     hint = lambda i: render_hints([] if hl[i] is None else hl[i], imgs[i].size, preps[i][1], tuple(preps[i][0].shape[:1:-1]))
     Hs = [hint(i) for i in range(len(imgs))] if takes else None   # checked before any network work
     outs = [None] * len(imgs)
     groups = {}
     for i, (x, _) in enumerate(preps): groups.setdefault(tuple(x.shape), []).append(i)
-    with inference_mode(model, dropout=dropout):
+    with inference_engine(model, device, precision, channels_last, compile, dropout) as run:
         for idx in groups.values():
             for j in range(0, len(idx), bs):
                 chunk = idx[j:j+bs]
-                x = torch.cat([preps[i][0] for i in chunk]).to(dev)
-                y = (model(x, torch.cat([Hs[i] for i in chunk]).to(dev)) if takes else model(x)).float().cpu()
-                for i, yi in zip(chunk, y):
-                    cw, ch = preps[i][1]
-                    outs[i] = to_pil(yi[:, :ch, :cw]).resize(imgs[i].size, Image.BICUBIC)
+                y = run(torch.cat([preps[i][0] for i in chunk]), torch.cat([Hs[i] for i in chunk]) if takes else None)
+                for i, yi in zip(chunk, y): outs[i] = _restore(yi, preps[i][1], imgs[i].size)
     return outs[0] if single else outs
 
 # %% ../nbs/05_inference.ipynb #00f72e5a
@@ -199,23 +246,76 @@ def _out_names(files:list, outdir:Path) -> list:
         outs.append(outdir/(f'{k}.png' if seen[k] == 1 else f'{k}-{seen[k]}.png'))
     return outs
 
-_OOM = (MemoryError, getattr(torch, 'OutOfMemoryError', MemoryError))
+def check_files_args(model, size=None, bs=8, precision='auto', channels_last=None, hints=None, device=None):
+    "The settings of `colorize_files`, checked before any file is read: a `ValueError` naming the bad one"
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1): raise ValueError(f"size={size!r}: must be a positive integer")
+    _check_bs(bs)
+    resolve_precision(precision, channels_last, torch.device(device) if device else next(model.parameters()).device)
+    if hints is not None:
+        if not getattr(model, 'hparams', {}).get('hint_ch'): raise ValueError("hints given, but this generator takes none (hint_ch=0): train one with fit(hints=True)")
+        if not Path(hints).is_dir(): raise ValueError(f"hints={str(hints)!r}: not a folder of hint layers")
 
-def colorize_files(model, files:list, outdir, size=None, dropout=False, overwrite=False, progress=True, log=print) -> tuple:
-    "Colourise `files` into `outdir`: (written, skipped, failed) lists; a file that cannot be read, colourised or written is one logged line, and the rest go on"
+def colorize_files(model, # Generator (e.g. from `load_generator`)
+                   files:list, # Input image files
+                   outdir, # Output folder: one `<stem>.png` per input
+                   size:int=None, # Short side fed to the net (default: the training size)
+                   dropout:bool=False, # Keep dropout on
+                   overwrite:bool=False, # Replace existing outputs (default: keep them)
+                   progress:bool=True, # Show a progress bar
+                   log=print, # Called with each one-line problem
+                   bs:int=8, # Images per forward pass (inputs of the same shape after resizing are batched)
+                   precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16' (see `inference_engine`)
+                   channels_last:bool=None, # channels_last memory format (None: with 'auto' bf16)
+                   compile:bool=False, # `torch.compile` the generator
+                   hints=None, # Hint model only: folder of RGBA hint layers `<stem>.png`, one per input that has hints
+                   device=None, # Run on this device (default: the model's)
+                  ) -> tuple:
+    "Colourise `files` into `outdir` in batches: (written, skipped, failed) lists; a file that cannot be read, colourised or written is one logged line, and the rest go on"
+    dev = torch.device(device) if device else next(model.parameters()).device
+    check_files_args(model, size, bs, precision, channels_last, hints, dev)   # a bad value stops here, before any file is touched
+    takes = bool(getattr(model, 'hparams', {}).get('hint_ch'))
     outdir = Path(outdir); outdir.mkdir(parents=True, exist_ok=True)
-    written, skipped, failed = [], [], []
-    pairs = list(zip(files, _out_names(files, outdir)))
-    for f, o in (progress_bar(pairs) if progress else pairs):
-        if o.exists() and not overwrite: skipped.append(o); log(f'{o}: exists, kept (use --overwrite)'); continue
+    size, m = size or _model_size(model), net_multiple(model)
+    written, skipped, failed, pending = [], [], [], {}
+    def fail(k, f, e):
+        msg = ' '.join(str(e).split()) or type(e).__name__
+        failed.append((k, f)); log(f'skipped {msg}' if str(f) in msg else f'skipped {f}: {msg}')
+    def write(it, y):
+        k, f, o, _, crop, isz, _ = it
         try:
-            out = colorize(model, load_rgb(f), size=size, dropout=dropout)
-            atomic_write(o, lambda fo: out.save(fo, format='PNG')); written.append(o)
-        except (DataError, OSError, *_OOM) as e: # unreadable, hostile or huge input; a full disk; out of memory
-            msg = ' '.join(str(e).split()) or type(e).__name__
-            failed.append(f); log(f'skipped {msg}' if str(f) in msg else f'skipped {f}: {msg}')
-    return written, skipped, failed
-
+            out = _restore(y, crop, isz)
+            atomic_write(o, lambda fo: out.save(fo, format='PNG')); written.append((k, o))
+        except (DataError, OSError) as e: fail(k, f, e)   # a full disk, no permission
+    def flush(key, run):
+        items = pending.pop(key)
+        try: ys = run(torch.cat([it[3] for it in items]), torch.cat([it[6] for it in items]) if takes else None)
+        except _OOM as e:
+            if len(items) == 1: fail(items[0][0], items[0][1], e); return
+            ys = []
+            for it in items:   # one at a time: each file gets its own outcome
+                try: ys.append(run(it[3], it[6] if takes else None)[0])
+                except _OOM as e1: fail(it[0], it[1], e1); ys.append(None)
+        for it, y in zip(items, ys):
+            if y is not None: write(it, y)
+    pairs = list(enumerate(zip(files, _out_names(files, outdir))))
+    with inference_engine(model, dev, precision, channels_last, compile, dropout) as run:
+        for k, (f, o) in (progress_bar(pairs) if progress else pairs):
+            if o.exists() and not overwrite: skipped.append(o); log(f'{o}: exists, kept (use --overwrite)'); continue
+            try:
+                img = load_rgb(f)
+                x, crop = prepare(img, size, m)
+                H = None
+                if takes:
+                    hf = Path(hints)/f'{Path(f).stem}.png' if hints is not None else None
+                    try: H = render_hints(hf if hf is not None and hf.is_file() else [], img.size, crop, tuple(x.shape[:1:-1]))
+                    except ValueError as e: raise DataError(f'{f}: hint layer {hf}: {e}') from None
+            except (DataError, OSError, *_OOM) as e: fail(k, f, e); continue   # unreadable, hostile or huge input; out of memory
+            key = tuple(x.shape)
+            pending.setdefault(key, []).append((k, f, o, x, crop, img.size, H)); del img
+            if len(pending[key]) >= bs: flush(key, run)
+            elif sum(map(len, pending.values())) >= 4 * bs: flush(max(pending, key=lambda q: len(pending[q])), run)
+        for key in list(pending): flush(key, run)
+    return [o for _, o in sorted(written)], skipped, [f for _, f in sorted(failed, key=lambda t: t[0])]
 
 # %% ../nbs/05_inference.ipynb #7bf816ec
 def upload_demo(model:nn.Module, # Generator

@@ -55,3 +55,18 @@ def test_perf_smoke(tmp_path):
         assert r['fit']['rel'] < 1e-2   # fit's defaults compute the reference's update (fp32 here: fused Adam only)
     assert res['profile'] and all(p['top'] for p in res['profile'].values())
     assert res['slopes']['pixels'] > 0
+
+def test_infer_smoke(tmp_path):
+    "benchmarks/infer.py --smoke (no compile: slow to compile, tested in test_inference.py): every table written, outputs close to fp32."
+    spec = importlib.util.spec_from_file_location('infer', ROOT/'benchmarks'/'infer.py')
+    infer = importlib.util.module_from_spec(spec); spec.loader.exec_module(infer)
+    md = tmp_path/'B.md'
+    md.write_text(f'# Intro\n\n{infer.BEGIN}\nold\n{infer.END}\n\nNotes.\n')
+    res = infer.main(['--smoke', '--no-compile', '--md', str(md)])
+    text = md.read_text()
+    assert text.startswith('# Intro') and text.rstrip().endswith('Notes.') and '\nold\n' not in text
+    for h in ('The network alone', 'A folder end to end', 'peak MiB', 'GPU'): assert h in text, h
+    assert len(res['forward']) == 8 and all(r['ips'] > 0 and r['peak'] > 0 for r in res['forward'])
+    for r in res['forward']:   # fp32 layouts agree to rounding, bf16 is close
+        assert r['diff'] < (1e-5 if r['precision'] == 'fp32' else 0.1), r
+    assert [r['n'] for r in res['folder']] == [4] * 4 and json.loads(md.with_suffix('.infer.json').read_text())['forward']

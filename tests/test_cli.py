@@ -7,7 +7,7 @@ from pix2pix_nb.synthetic import synthetic_facades
 from pix2pix_nb.cyclegan import unpaired_split, fit_cyclegan
 from pix2pix_nb.train import fit, demo, PRESETS
 from pix2pix_nb.cli import (cli_parser, merge_preset, pix2pix_train, pix2pix_cyclegan, pix2pix_demo, CYCLEGAN_PRESETS,
-                            TRAIN_API_ONLY, CYCLEGAN_API_ONLY)
+                            TRAIN_API_ONLY, CYCLEGAN_API_ONLY, pix2pix_colorize, colorize_cli, COLORIZE_POSITIONAL)
 
 BIN = Path(sys.executable).parent
 
@@ -27,7 +27,7 @@ TINY_P2P = ['--size', 32, '--bs', 4, '--ngf', 8, '--ndf', 8, '--n_layers', 2, '-
 TINY_CG = ['--size', 32, '--bs', 2, '--ngf', 8, '--ndf', 8, '--n_blocks', 1, '--n_layers', 2, '--epochs', 1, '--num_workers', 0, '--n_grid', 2]
 
 # ------------------------------------------------------------------ parity with the Python API
-@pytest.mark.parametrize('f, api_only', [(fit, TRAIN_API_ONLY), (fit_cyclegan, CYCLEGAN_API_ONLY), (demo, ())])
+@pytest.mark.parametrize('f, api_only', [(fit, TRAIN_API_ONLY), (fit_cyclegan, CYCLEGAN_API_ONLY), (demo, ()), (colorize_cli, COLORIZE_POSITIONAL)])
 def test_every_argument_is_a_flag_with_the_same_default(f, api_only):
     p = cli_parser(f, 'x', api_only)
     sig = inspect.signature(f).parameters
@@ -66,6 +66,26 @@ def test_cyclegan_bad_values(data, tmp_path, capsys, args, needle):
                                           (['--device', 'gpu7'], "device='gpu7'"), (['--bogus'], '--bogus')])
 def test_demo_bad_values(tmp_path, capsys, args, needle):
     _one_line_exit2(pix2pix_demo, ['--out', tmp_path/'o', *args], capsys, needle)
+
+@pytest.fixture(scope='module')
+def colorize_model(tmp_path_factory):
+    from PIL import Image
+    from pix2pix_nb.generator import UnetGenerator, export_generator
+    d = tmp_path_factory.mktemp('colorize')
+    (d/'in').mkdir(); Image.new('L', (40, 30), 255).save(d/'in'/'a.png')
+    return export_generator(UnetGenerator(ngf=4, size=32), d/'g.safetensors'), d/'in'
+
+@pytest.mark.parametrize('args, needle', [(['--bs', 0], 'bs=0'), (['--bs', 'two'], "--bs: invalid int value: 'two'"), (['--size', -8], 'size=-8'),
+                                          (['--precision', 'fp8'], "precision='fp8'"), (['--device', 'gpu7'], "device='gpu7'"),
+                                          (['--hints', '/no/such/folder'], 'takes none'), (['--bogus', 1], '--bogus')])
+def test_colorize_bad_values(colorize_model, tmp_path, capsys, args, needle):
+    _one_line_exit2(pix2pix_colorize, [*colorize_model, '-o', tmp_path/'o', *args], capsys, needle)
+    assert not (tmp_path/'o').exists()   # refused before anything was written
+
+def test_colorize_flags(colorize_model, tmp_path, capsys):
+    for flags in (['--bs', 1, '--precision', 'fp32'], ['--bs', 3, '--precision', 'bf16', '--channels_last'], ['--precision', 'auto', '--no_channels_last']):
+        assert pix2pix_colorize([*colorize_model, '-o', tmp_path/'o', '--quiet', '--overwrite', *flags]) == 0, flags
+        assert '1 written' in capsys.readouterr().out
 
 def test_bad_value_in_the_real_console_scripts(data, tmp_path):
     for cmd, args in (('pix2pix_train', ['--source', data[0], '--size', 7]), ('pix2pix_cyclegan', ['--source_a', data[1], '--size', 7]),

@@ -190,3 +190,126 @@ def test_colorize_rotated_phone_jpeg(model_file, tmp_path):
     assert up.size == (300, 500) and colorize(g, Image.open(tmp_path/'phone.jpg')).size == (300, 500)
     ref = colorize(g, sketch(300, 500))                                                  # the same drawing, stored upright
     assert np.abs(np.asarray(up, float) - np.asarray(ref, float)).mean() < 8             # (JPEG noise aside)
+
+# ------------------------------------------------------------------ batching, precision, compile (issue #15: inference)
+from pix2pix_nb.inference import colorize_files, inference_engine, check_files_args
+from pix2pix_nb.callbacks import resolve_precision
+
+def _bn_model(model_file): return load_generator(model_file[0])   # BatchNorm with non-trivial running statistics
+
+def test_batched_equals_single_and_layouts(model_file):
+    "Eval-mode BatchNorm shares nothing across a batch: batched == one at a time within fp32 rounding; channels_last too, and it is undone."
+    g = _bn_model(model_file)
+    x = torch.rand(5, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with inference_engine(g, precision='fp32') as run:
+        assert (run.precision, run.channels_last, run.compiled) == ('fp32', False, False)
+        batched, singles = run(x), torch.cat([run(t[None]) for t in x])
+    torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
+    with inference_engine(g, precision='fp32', channels_last=True) as run: cl = run(x)
+    torch.testing.assert_close(cl, singles, rtol=1e-5, atol=1e-5)
+    assert all(p.is_contiguous() for p in g.parameters()) and not g.training
+    with inference_engine(g, precision='bf16') as run: b16 = run(x)
+    assert b16.dtype == torch.float32 and 0 < (b16 - singles).abs().max() < 0.1     # close, not equal
+    sks = [sketch(300, 500), sketch(300, 500, '1'), sketch(200, 120), sketch(300, 500).rotate(3, fillcolor=255)]
+    one = [colorize(g, s, precision='fp32') for s in sks]
+    for b in (2, 4):
+        for a, o in zip(colorize(g, sks, bs=b, precision='fp32'), one): assert np.abs(np.asarray(a, int) - np.asarray(o, int)).max() <= 1
+
+def test_precision_and_bs_checked(model_file):
+    g = _bn_model(model_file)
+    with pytest.raises(ValueError, match="precision='fp8'"): colorize(g, sketch(40, 40), precision='fp8')
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match='bs='): colorize(g, [sketch(40, 40)], bs=bad)
+    with pytest.raises(ValueError, match='size=0'): check_files_args(g, size=0)
+    with inference_engine(g) as run: assert (run.precision, run.channels_last) == resolve_precision('auto', None, 'cpu')   # 'auto': the training rule
+
+def _folder(d, n=9):
+    d.mkdir()
+    for i in range(n): (sketch(300, 500) if i % 3 == 0 else sketch(123, 77, '1') if i % 3 == 1 else sketch(64, 64)).rotate(i, fillcolor=255).save(d/f'{i}.png')
+    return d
+
+def test_colorize_files_batched_matches_single(model_file, tmp_path):
+    "Same files, same failures, same log lines and the same pixels (±1 level) in batches of 3 as one at a time; lists in input order."
+    g = _bn_model(model_file)
+    src = _folder(tmp_path/'in'); (src/'4.png').write_bytes(b'\x89PNG junk')
+    files = [src/f'{i}.png' for i in range(9)]
+    res, logs = {}, {}
+    for b in (3, 1):
+        logs[b] = []
+        res[b] = colorize_files(g, files, tmp_path/f'o{b}', bs=b, precision='fp32', progress=False, log=logs[b].append)
+    w, s, f = res[3]
+    assert [p.name for p in w] == [f'{i}.png' for i in range(9) if i != 4] and f == [src/'4.png'] and s == []
+    assert [p.name for p in res[1][0]] == [p.name for p in w] and logs[3] == logs[1] and len(logs[3]) == 1 and '4.png' in logs[3][0]
+    for p in w:
+        a, b = (np.asarray(Image.open(tmp_path/o/p.name), int) for o in ('o3', 'o1'))
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1, p.name
+    assert Image.open(tmp_path/'o3'/'0.png').size == (300, 500) and Image.open(tmp_path/'o3'/'1.png').size == (123, 77)
+
+class _Flaky(torch.nn.Module):
+    "Wraps a generator: MemoryError for batches larger than `max_bs`, or whenever an input of the batch is all white (`poison`)."
+    def __init__(self, g, max_bs=99, poison=False):
+        super().__init__(); self.g, self.max_bs, self.poison, self.hparams, self.calls = g, max_bs, poison, g.hparams, []
+    def forward(self, x):
+        self.calls.append(len(x))
+        if len(x) > self.max_bs or (self.poison and any(bool((t > 0.99).all()) for t in x)): raise MemoryError('out of memory (test)')
+        return self.g(x)
+
+def test_colorize_files_out_of_memory_retries_one_at_a_time(model_file, tmp_path):
+    g = _bn_model(model_file)
+    src = _folder(tmp_path/'in', 6)
+    Image.new('L', (64, 64), 255).save(src/'white.png')   # same shape as 2.png and 5.png: batched with them
+    files = sorted(src.iterdir())
+    fl = _Flaky(g, max_bs=1)
+    w, _, f = colorize_files(fl, files, tmp_path/'a', bs=4, precision='fp32', progress=False, log=lambda s: None)
+    assert len(w) == 7 and not f and max(fl.calls) > 1          # the batch failed, every image done alone
+    logs = []
+    w, _, f = colorize_files(_Flaky(g, poison=True), files, tmp_path/'b', bs=4, precision='fp32', progress=False, log=logs.append)
+    assert [p.name for p in f] == ['white.png'] and len(w) == 6 and len(logs) == 1 and 'white.png' in logs[0] and 'out of memory' in logs[0]
+
+def test_compile_falls_back_to_eager(model_file, monkeypatch, capsys):
+    "A compiled generator that fails at its first call: one notice, then the eager result (compiling itself is tests/test_compile.py's)."
+    import pix2pix_nb.inference as inf
+    g = _bn_model(model_file)
+    def broken(m, **kw):
+        def f(*a): raise RuntimeError('inductor: no C++ compiler\nsecond line')
+        return f
+    monkeypatch.setattr(inf, 'compile_supported', lambda dev: (True, '')); monkeypatch.setattr(torch, 'compile', broken)
+    with inference_engine(g, precision='fp32', compile=True) as run:
+        assert run.compiled
+        y = run(torch.zeros(1, 3, 32, 32))
+    with inference_engine(g, precision='fp32') as run: ref = run(torch.zeros(1, 3, 32, 32))
+    assert torch.equal(y, ref)
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'compile: failed (inductor: no C++ compiler second line); running eagerly' in err
+    monkeypatch.setattr(inf, 'compile_supported', lambda dev: (False, 'no compiler'))
+    with inference_engine(g, precision='fp32', compile=True) as run: assert not run.compiled
+    assert 'not available' in capsys.readouterr().err
+
+def test_colorize_files_hint_layers(tmp_path):
+    "A hint model takes one RGBA layer per input from a folder (`<stem>.png`); none means no hints; a bad layer is one line."
+    torch.manual_seed(0)
+    g = UnetGenerator(ngf=4, size=32, hint_ch=4).eval()
+    src = tmp_path/'in'; src.mkdir()
+    for n in ('a', 'b', 'c'): sketch(40, 40).save(src/f'{n}.png')
+    hd = tmp_path/'hints'; hd.mkdir()
+    layer = Image.new('RGBA', (40, 40), (0, 0, 0, 0)); ImageDraw.Draw(layer).rectangle([5, 5, 30, 30], fill=(255, 0, 0, 255)); layer.save(hd/'a.png')
+    Image.new('RGBA', (10, 10)).save(hd/'c.png')                          # wrong size for c.png
+    logs = []
+    w, _, f = colorize_files(g, sorted(src.iterdir()), tmp_path/'o', bs=4, precision='fp32', hints=hd, progress=False, log=logs.append)
+    assert [p.name for p in w] == ['a.png', 'b.png'] and [p.name for p in f] == ['c.png'] and len(logs) == 1
+    assert 'c.png' in logs[0] and 'does not match' in logs[0]
+    hinted, plain = (np.asarray(Image.open(tmp_path/'o'/n), int) for n in ('a.png', 'b.png'))
+    assert np.abs(hinted - plain).max() > 0                              # same sketch: only the hint differs
+    assert np.array_equal(plain, np.asarray(colorize(g, sketch(40, 40), precision='fp32'), int))
+    with pytest.raises(ValueError, match='not a folder'): colorize_files(g, [], tmp_path/'x', hints=tmp_path/'nope')
+    with pytest.raises(ValueError, match='takes none'): colorize_files(UnetGenerator(ngf=4, size=32), [], tmp_path/'x', hints=hd)
+
+def test_cli_batches_and_bad_flags(model_file, tmp_path):
+    fn, _ = model_file
+    src = _folder(tmp_path/'in', 5)
+    r = cli(fn, src, '-o', tmp_path/'out', '--quiet', '--bs', 2, '--precision', 'fp32', '--channels_last')
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path/'out').iterdir()) == [f'{i}.png' for i in range(5)]
+    r = cli(fn, src, '-o', tmp_path/'bad', '--precision', 'fp8')
+    assert r.returncode == 2 and r.stderr.strip() == "pix2pix_colorize: error: precision='fp8': expected 'auto' or one of ['fp32', 'bf16', 'fp16']"
+    assert not (tmp_path/'bad').exists()
