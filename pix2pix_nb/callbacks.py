@@ -101,15 +101,16 @@ class CompileNets(Callback):
     def __init__(self, mode:str=None, # `torch.compile` mode: None (default), 'reduce-overhead', 'max-autotune'
                  fallback_random:bool=True, # Dropout from PyTorch's generator inside compiled code: the same masks as eager
                 ):
-        self.mode, self.fallback_random, self.compiled, self.compile_s, self._ts = mode, fallback_random, False, None, []
+        self.mode, self.fallback_random, self.compiled, self._live, self.compile_s, self._ts = mode, fallback_random, False, False, None, []
     def before_fit(self):
+        self.compiled = False
         dev = next(self.learn.model.parameters()).device
         ok, why = compile_supported(dev)
         if not ok:
             print(f"compile: not available on {dev.type} here ({why}); training eagerly"); return
         if self.fallback_random: inductor_config.fallback_random = True
         for m in self.learn.trainer.nets.values(): _unwrap(m).compile(mode=self.mode, dynamic=False)
-        self.compiled, self._ts = True, []
+        self.compiled, self._live, self._ts = True, True, []
     # validation, grids and anything after fit run eagerly: evaluation is a small share of the time, and eval-mode
     # graphs would cost a second compilation (and Inductor mishandles batch norm under `inference_mode`)
     def before_train(self):
@@ -117,7 +118,10 @@ class CompileNets(Callback):
     def before_validate(self):
         if self.compiled: torch.compiler.set_stance('force_eager')
     def cleanup(self):
-        if self.compiled: torch.compiler.set_stance('force_eager')
+        "Eager networks and the default stance again: nothing of the compile outlives `fit` (`compiled` stays as the record)."
+        if not self._live: return
+        for m in self.learn.trainer.nets.values(): _unwrap(m)._compiled_call_impl = None # what `nn.Module.compile` set
+        torch.compiler.set_stance('default'); self._live = False
     def after_fit(self): self.cleanup()
     def before_batch(self):
         if self.compiled and self.training and len(self._ts) < 4: self._t = time.perf_counter()

@@ -21,6 +21,9 @@ def test_compiled_training_matches_eager(data, tmp_path):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad(): ye, yc = eager.model.G.eval()(x), comp.model.G.eval()(x)
     assert torch.allclose(ye, yc, atol=1e-3), (ye - yc).abs().max()
+    # nothing of the compile outlives fit: the nets are eager modules again and the global stance is the default
+    assert all(getattr(m, '_compiled_call_impl', None) is None for m in comp.trainer.nets.values())
+    assert torch.compile(lambda t: t + int(torch.compiler.is_compiling()))(torch.zeros(1)).item() == 1
 
 def test_compile_falls_back_with_one_line(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(callbacks, 'compile_supported', lambda dev: (False, 'no C++ compiler'))
