@@ -47,6 +47,14 @@ def test_paint_respects_keep():
     H = paint_hints(bx, torch.tensor([[[1., 0, 0], [0, 1., 0]]]), torch.tensor([[True, False]]), 8, 8)
     assert H[0, 3].sum() == 4 and H[0, :, 5, 5].abs().sum() == 0
 
+def test_sampler_is_counts_then_uniform_boxes():
+    "The recipe, pinned: geometric counts, then uniformly placed boxes, each filled with the target's mean there (the test hints of chapter 08 depend on it)."
+    B = torch.rand(3, 3, 32, 32) * 2 - 1
+    g1, g2 = hint_generator(7), hint_generator(7)
+    c = hint_counts(3, gen=g2); k = max(1, int(c.max())); bx = random_boxes(3, k, 32, 32, 2, g2)
+    ref = paint_hints(bx, box_means(B, bx), torch.arange(k)[None] < c[:, None], 32, 32)
+    assert torch.equal(HintSampler()(B, g1), ref)
+
 @pytest.mark.parametrize('bad, msg', [(dict(n_max=0), 'n_max=0'), (dict(p=0), 'p=0'), (dict(p_none=1.5), 'p_none=1.5'), (dict(max_frac=-1), 'max_frac=-1')])
 def test_sampler_bad_settings(bad, msg):
     with pytest.raises(ValueError, match=msg): HintSampler(**bad)
