@@ -15,8 +15,9 @@ from fastcore.basics import store_attr
 from fastai.callback.core import Callback
 
 # %% auto #0
-__all__ = ['HINT_CH', 'show_hints', 'hint_counts', 'random_boxes', 'box_means', 'paint_hints', 'HintSampler', 'hint_generator',
-           'HintCallback', 'hint_panels', 'parse_color', 'Point', 'Stroke', 'default_dot', 'as_hint', 'render_hints']
+__all__ = ['HINT_CH', 'FILLS', 'show_hints', 'hint_counts', 'random_boxes', 'box_means', 'paint_hints', 'sketch_regions',
+           'spread_hints', 'HintSampler', 'hint_generator', 'hint_fill', 'hint_meta', 'HintCallback', 'hint_panels',
+           'parse_color', 'Point', 'Stroke', 'default_dot', 'as_hint', 'render_hints']
 
 # %% ../nbs/08_hints.ipynb #110dc9c6
 HINT_CH = 4 # RGB in [-1, 1] where a hint is, plus a 0/1 mask; all zero: no hint
@@ -77,6 +78,34 @@ def paint_hints(boxes:torch.Tensor, # (bs, n, 4) boxes (y0, x0, y1, x1)
     rgb = torch.einsum('bnhw,bnc->bchw', inside, colors.float()) / cnt.clamp(min=1)
     return torch.cat([rgb, (cnt > 0).float()], 1)
 
+# %% ../nbs/08_hints.ipynb #b7c3d9e4
+FILLS = ('box', 'region')
+
+def sketch_regions(A:torch.Tensor, # Sketches (bs, 3, H, W) in [-1, 1]: dark lines on white
+                   thresh:float=0., # Pixels brighter than this (mean of the channels) are inside regions, the rest are lines
+                  ) -> torch.Tensor:
+    "The closed regions of each sketch (bs, H, W) int64: 4-connected components of the non-line pixels numbered 1..k, 0 on the lines."
+    from scipy import ndimage
+    free = (A.as_subclass(torch.Tensor).detach().float().mean(1) > thresh).cpu().numpy()
+    return torch.from_numpy(np.stack([ndimage.label(f)[0] for f in free]).astype(np.int64))
+
+def spread_hints(H:torch.Tensor, # Hint images (bs, 4, H, W)
+                 A:torch.Tensor=None, # Their sketches (bs, 3, H, W), or give `regions`
+                 regions:torch.Tensor=None, # (bs, H, W) from `sketch_regions`
+                ) -> torch.Tensor:
+    "Region-filled hints: every sketch region a hint touches takes the mean colour of the hint pixels in it, mask 1; hints on lines stay."
+    H = H.as_subclass(torch.Tensor).float()
+    R = (sketch_regions(A) if regions is None else regions).to(H.device).flatten(1)   # (bs, HW)
+    bs, _, h, w = H.shape
+    if R.shape != (bs, h * w): raise ValueError(f"spread_hints: regions of shape {tuple(R.shape)} for hints {tuple(H.shape)}")
+    m, rgb = H[:, 3].flatten(1), H[:, :3].flatten(2)
+    k, R3 = int(R.max()) + 1, R[:, None].expand(-1, 3, -1)
+    cnt = H.new_zeros(bs, k).scatter_add_(1, R, m)
+    col = H.new_zeros(bs, 3, k).scatter_add_(2, R3, rgb * m[:, None]) / cnt.clamp(min=1e-6)[:, None]
+    hit = cnt > 0; hit[:, 0] = False                                     # label 0: the lines, never spread
+    f = hit.gather(1, R).float()
+    return torch.cat([f[:, None] * col.gather(2, R3) + (1 - f[:, None]) * rgb, torch.maximum(f, m)[:, None]], 1).view(bs, HINT_CH, h, w)
+
 # %% ../nbs/08_hints.ipynb #712ee0a5
 class HintSampler:
     "Simulated user hints from target photos (Zhang et al. 2017): a random number of small boxes, each filled with the target's mean colour there."
@@ -84,14 +113,17 @@ class HintSampler:
                  p:float=1/8, # Geometric distribution of the count (mean about 1/p)
                  p_none:float=.25, # Probability of no hint at all (so the model also works without)
                  max_frac:float=1/16, # Largest box side, as a fraction of the image side
+                 fill:str='box', # 'box': each hint is its small box; 'region': spread over the sketch region it falls in (`spread_hints`)
                 ):
         if not (isinstance(n_max, int) and n_max >= 1): raise ValueError(f"n_max={n_max!r}: need an int >= 1")
         for k, v in dict(p=p, p_none=p_none, max_frac=max_frac).items():
             if not 0 <= v <= 1 or (k == 'p' and v == 0): raise ValueError(f"{k}={v!r}: need a probability{' > 0' if k == 'p' else ''} in [0, 1]")
+        if fill not in FILLS: raise ValueError(f"fill={fill!r}: need one of {FILLS}")
         store_attr()
     def __call__(self, B:torch.Tensor, # Target photos (bs, 3, H, W) in [-1, 1]
                  gen:torch.Generator=None, # Source of randomness (see `hint_generator`)
                  n:int=None, # Exactly this many hints per image (None: random counts)
+                 A:torch.Tensor=None, # The sketches (bs, 3, H, W): needed by fill='region'
                 ) -> torch.Tensor:
         B = B.as_subclass(torch.Tensor)
         bs, _, h, w = B.shape
@@ -100,13 +132,27 @@ class HintSampler:
         k = max(1, int(counts.max()))
         boxes = random_boxes(bs, k, h, w, max(1, round(min(h, w) * self.max_frac)), gen)
         keep = torch.arange(k)[None] < counts[:, None]
-        return paint_hints(boxes, box_means(B, boxes), keep, h, w)
-    def __repr__(self): return f'HintSampler(n_max={self.n_max}, p={self.p:.3g}, p_none={self.p_none}, max_frac={self.max_frac:.3g})'
+        H = paint_hints(boxes, box_means(B, boxes), keep, h, w)   # the same random draws whatever `fill` is
+        if self.fill == 'box': return H
+        if A is None: raise ValueError("HintSampler(fill='region') needs the sketches: sampler(B, gen, A=sketches)")
+        return spread_hints(H, A)
+    def __repr__(self): return f'HintSampler(n_max={self.n_max}, p={self.p:.3g}, p_none={self.p_none}, max_frac={self.max_frac:.3g}' + (f", fill={self.fill!r})" if self.fill != 'box' else ')')
 
 # %% ../nbs/08_hints.ipynb #ea86de3a
 def hint_generator(*keys:int) -> torch.Generator:
     "A CPU `torch.Generator` seeded from integer `keys` (e.g. seed, epoch, batch): the same keys always give the same hints."
     return torch.Generator().manual_seed(int(np.random.SeedSequence([int(k) % 2**32 for k in keys]).generate_state(1)[0]))
+
+def hint_fill(model) -> str:
+    "How `model`'s hints are to be rendered: 'region' or 'box', from `fit` (in memory) or its sidecar's `hint_fill` (older files: 'box')."
+    f = getattr(model, 'hint_fill', None) or (getattr(model, 'meta', None) or {}).get('hint_fill') or 'box'
+    if f not in FILLS: raise ValueError(f"hint_fill={f!r}: need one of {FILLS}")
+    return f
+
+def hint_meta(sampler) -> dict:
+    "Sidecar facts for a hint model trained with `sampler`: `export_generator(..., **hint_meta(sampler))` (empty for sparse hints)."
+    f = getattr(sampler, 'fill', 'box') if sampler else 'box'
+    return {} if f == 'box' else dict(hint_fill=f)
 
 def _rank() -> int: return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -117,10 +163,14 @@ class HintCallback(Callback):
                  seed:int=0, # Run seed
                 ):
         self.sampler, self.seed = sampler if sampler is not None else HintSampler(), seed
+    def before_fit(self):
+        G = getattr(self.learn.model, 'G', None)
+        if G is not None: G.hint_fill = getattr(self.sampler, 'fill', 'box')   # `colorize` on this in-memory generator spreads the same way
     def before_batch(self):
         ep = getattr(self.learn, 'epoch_offset', 0) + self.epoch if self.training else 0
         gen = hint_generator(self.seed, int(self.training), ep, self.iter, _rank())
-        self.learn.xb = (self.xb[0], self.sampler(self.yb[0], gen).to(self.xb[0].device))
+        kw = dict(A=self.xb[0]) if getattr(self.sampler, 'fill', 'box') != 'box' else {}   # plain `sampler(B, gen)` callables still work
+        self.learn.xb = (self.xb[0], self.sampler(self.yb[0], gen, **kw).to(self.xb[0].device))
     def ckpt_state(self) -> dict: return dict(seed=self.seed) # saved in checkpoints: a resumed run draws the same hints
     def load_ckpt_state(self, st:dict): self.seed = int(st['seed'])
 
@@ -130,7 +180,7 @@ def hint_panels(n:int=5, # Hints per sample, drawn by `HintSampler` from the tar
                ):
     "`EpochGrid` panels for a hint model: sketch | target | hints | without hints | with hints (use `n_fixed=3`)."
     def panels(model, A, B):
-        H = HintSampler()(B, hint_generator(seed), n=n).to(A.device)
+        H = HintSampler(fill=hint_fill(model))(B, hint_generator(seed), n=n, A=A).to(A.device)   # spread like training did
         return [A, B, show_hints(H, A), model(A), model(A, H)]
     return panels
 
@@ -207,6 +257,8 @@ def render_hints(hints, # List of `Point`/`Stroke`/plain tuples, or an RGBA hint
                  net_size:tuple, # (w, h) the sketch is resized to before the network
                  pad_to:tuple=None, # (W, H) of the padded network input (zeros: no hints in the padding)
                  dot:int=None, # Default side of points / width of strokes in network pixels (default `default_dot`)
+                 fill:str='box', # 'region': spread the hints over the regions of `sketch` (`spread_hints`), as a fill='region' model was trained
+                 sketch:torch.Tensor=None, # The network's sketch input (1, 3, H, W) (padded or not), needed by fill='region'
                 ) -> torch.Tensor:
     "The hint image (1, 4, H, W) a hint model gets for these user hints, drawn at the network's scale."
     (w, h), (nw, nh) = image_size, net_size
@@ -225,4 +277,8 @@ def render_hints(hints, # List of `Point`/`Stroke`/plain tuples, or an RGBA hint
         pm = F.interpolate(torch.cat([a[:, :3] * al, al], 1), size=(nh, nw), mode='area')[0]   # any coverage is a hint, colour from the opaque part
         m = (pm[3:] > 0).float()
         t = torch.cat([(pm[:3] / pm[3:].clamp(min=1e-6) / 127.5 - 1) * m, m])
+    if fill not in FILLS: raise ValueError(f"fill={fill!r}: need one of {FILLS}")
+    if fill == 'region':
+        if sketch is None: raise ValueError("render_hints(fill='region') needs the network's sketch input (sketch=)")
+        t = spread_hints(t[None], sketch.as_subclass(torch.Tensor)[..., :nh, :nw].cpu())[0]   # regions of the resized sketch, padding left out
     return F.pad(t, (0, W - nw, 0, H - nh))[None]

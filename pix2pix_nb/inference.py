@@ -15,7 +15,7 @@ from fastprogress.fastprogress import progress_bar
 from .data import load_rgb, pair_dl
 from .generator import export_generator, load_generator, read_meta, ModelFileError
 from .metrics import image_metrics
-from .hints import render_hints
+from .hints import render_hints, hint_fill
 from .callbacks import PRECISIONS, resolve_precision, compile_supported
 
 # %% auto #0
@@ -137,7 +137,8 @@ def colorize(model:nn.Module, # Generator (e.g. from `load_generator`)
     if not takes and any(h is not None for h in hl): raise ValueError("colorize: hints given, but this generator takes none (hint_ch=0): train one with fit(hints=True)")
     size, m = size or _model_size(model), net_multiple(model)
     preps = [prepare(im, size, m) for im in imgs]
-    hint = lambda i: render_hints([] if hl[i] is None else hl[i], imgs[i].size, preps[i][1], tuple(preps[i][0].shape[:1:-1]))
+    fill = hint_fill(model) if takes else 'box'   # a model trained with region-filled hints gets its clicks spread over the sketch's regions
+    hint = lambda i: render_hints([] if hl[i] is None else hl[i], imgs[i].size, preps[i][1], tuple(preps[i][0].shape[:1:-1]), fill=fill, sketch=preps[i][0])
     Hs = [hint(i) for i in range(len(imgs))] if takes else None   # checked before any network work
     outs = [None] * len(imgs)
     groups = {}
@@ -307,7 +308,7 @@ def colorize_files(model, # Generator (e.g. from `load_generator`)
                 H = None
                 if takes:
                     hf = Path(hints)/f'{Path(f).stem}.png' if hints is not None else None
-                    try: H = render_hints(hf if hf is not None and hf.is_file() else [], img.size, crop, tuple(x.shape[:1:-1]))
+                    try: H = render_hints(hf if hf is not None and hf.is_file() else [], img.size, crop, tuple(x.shape[:1:-1]), fill=hint_fill(model), sketch=x)
                     except ValueError as e: raise DataError(f'{f}: hint layer {hf}: {e}') from None
             except (DataError, OSError, *_OOM) as e: fail(k, f, e); continue   # unreadable, hostile or huge input; out of memory
             key = tuple(x.shape)

@@ -86,8 +86,8 @@ class SignalAt(Callback):
     def after_batch(self):
         if self.training and (self.epoch, self.iter) == self.at: os.kill(os.getpid(), signal.SIGTERM)
 
-def tiny_fit(data, out, seed=0, cbs=(), **kw):
-    return fit(data, epochs=2, epochs_decay=1, size=32, bs=2, ngf=8, ndf=8, n_layers=2, num_workers=0, out=out, hints=True,
+def tiny_fit(data, out, seed=0, cbs=(), hints=True, **kw):
+    return fit(data, epochs=2, epochs_decay=1, size=32, bs=2, ngf=8, ndf=8, n_layers=2, num_workers=0, out=out, hints=hints,
                progress=False, precision='fp32', seed=seed, cbs=list(cbs), **kw)
 
 def weights(learn): return {k: v.clone() for k, v in learn.model.state_dict().items()}
@@ -149,3 +149,73 @@ def test_show_hints_paints_colour_over_faded_sketch():
     H = torch.zeros(1, 4, 4, 4); H[0, :, 1, 1] = torch.tensor([1., -1, -1, 1])
     v = show_hints(H, -torch.ones(1, 3, 4, 4))
     assert v[0, :, 1, 1].tolist() == [1., -1., -1.] and torch.allclose(v[0, :, 0, 0], torch.full((3,), .4))
+
+# ------------------------------------------------------------------ region-filled hints
+from pix2pix_nb.hints import sketch_regions, spread_hints, hint_fill, hint_meta
+
+def box_sketch():
+    "A 16×16 hand-made sketch: a frame line at x=8 and a closed 4×4 window (lines at rows/cols 2 and 7) on the left: three regions."
+    a = np.full((16, 16), 255, np.uint8)
+    a[:, 8] = 0; a[2, 2:8] = a[7, 2:8] = 0; a[2:8, 2] = a[2:8, 7] = 0
+    return a
+
+def test_region_fill_of_a_hand_made_sketch():
+    a = box_sketch(); A = torch.from_numpy(a).float().div(127.5).sub(1).expand(1, 3, 16, 16)
+    R = sketch_regions(A)[0]
+    assert R.shape == (16, 16) and (R[torch.from_numpy(a == 0)] == 0).all() and len(R.unique()) == 4   # lines + left wall, window, right
+    H = torch.zeros(1, 4, 16, 16); H[0, :, 4, 4] = torch.tensor([.2, .4, .6, 1]); H[0, :, 5, 5] = torch.tensor([.4, .6, .8, 1])   # two clicks in the window
+    H[0, :, 10, 12] = torch.tensor([-1, 0, 1, 1]); H[0, :, 2, 4] = torch.tensor([1, 1, 1, 1])                                     # one right, one on a line
+    S = spread_hints(H, A)[0]
+    win, right = R == R[4, 4], R == R[10, 12]
+    assert torch.equal(S[3] > 0, win | right | (torch.arange(16)[:, None] == 2) & (torch.arange(16) == 4))
+    torch.testing.assert_close(S[:3, win].T, torch.tensor([.3, .5, .7]).expand(int(win.sum()), 3))   # the mean of the window's hints
+    torch.testing.assert_close(S[:3, right].T, torch.tensor([-1., 0, 1]).expand(int(right.sum()), 3))
+    assert S[:, 2, 4].tolist() == [1, 1, 1, 1] and S[3, 0, 0] == 0                                    # on a line: as given; left wall: no hint
+    torch.testing.assert_close(spread_hints(S[None], A)[0], S)                                      # spreading twice changes nothing
+
+def test_region_sampler_same_draws_same_seed_needs_sketch():
+    A = torch.from_numpy(box_sketch()).float().div(127.5).sub(1).expand(2, 3, 16, 16)
+    B = torch.rand(2, 3, 16, 16) * 2 - 1
+    s, b = HintSampler(fill='region'), HintSampler()
+    H = s(B, hint_generator(3, 1), n=4, A=A)
+    assert torch.equal(H, s(B, hint_generator(3, 1), n=4, A=A))                   # same keys, same hints
+    assert torch.equal(H, spread_hints(b(B, hint_generator(3, 1), n=4), A))       # the sparse hints, spread: same random draws
+    assert not torch.equal(H, s(B, hint_generator(3, 2), n=4, A=A))
+    assert "fill='region'" in repr(s) and 'fill' not in repr(b)
+    with pytest.raises(ValueError, match='needs the sketches'): s(B, hint_generator(0))
+    with pytest.raises(ValueError, match="fill='blob'"): HintSampler(fill='blob')
+
+class PairSpy(Callback):
+    order = 0
+    def __init__(self): self.seen = {}
+    def before_batch(self):
+        if self.training: self.seen[(self.epoch, self.iter)] = (self.xb[0].clone(), self.xb[1].clone())
+
+def test_region_training_repeatable_and_recorded(data, tmp_path):
+    s1, s2 = PairSpy(), PairSpy()
+    l1 = tiny_fit(data, tmp_path/'a', cbs=[s1], hints=HintSampler(fill='region'))
+    tiny_fit(data, tmp_path/'b', cbs=[s2], hints=HintSampler(fill='region'))
+    assert all(torch.equal(s1.seen[k][1], s2.seen[k][1]) for k in s1.seen)
+    for A, H in s1.seen.values(): torch.testing.assert_close(spread_hints(H, A), H)   # every training hint is region-filled
+    assert sum(H[:, 3].sum() for _, H in s1.seen.values()) > 0
+    assert hint_fill(l1.model.G) == 'region'                                     # in memory: colorize spreads as training did
+    G = load_generator(tmp_path/'a'/'generator.safetensors'); G.meta.pop('hint_fill', None)
+    assert hint_fill(G) == 'box'                                                  # an older file: sparse, as before
+    export_generator(G, tmp_path/'r.safetensors', **hint_meta(HintSampler(fill='region')))
+    assert hint_fill(load_generator(tmp_path/'r.safetensors')) == 'region' and hint_meta(HintSampler()) == {}
+
+def test_colorize_with_a_point_fills_the_region():
+    g = UnetGenerator(ngf=4, size=32, hint_ch=HINT_CH).eval()
+    seen = []; g.register_forward_hook(lambda m, args, out: seen.append(args[1].clone()))
+    sk = Image.fromarray(np.kron(box_sketch(), np.ones((2, 2), np.uint8)))      # 32×32, 2 px lines
+    colorize(g, sk, hints=[Point(8, 8, (255, 0, 0), size=1)])
+    assert seen[-1][0, 3].sum() == 1                                              # an old (sparse) model: one pixel
+    g.hint_fill = 'region'
+    colorize(g, sk, hints=[Point(8, 8, (255, 0, 0), size=1)])
+    H = seen[-1][0]; R = sketch_regions(pil_rgb(sk))[0]
+    assert torch.equal(H[3] > 0, R == R[8, 8]) and torch.allclose(H[:3, 8, 10], torch.tensor([1., -1, -1]))
+    layer = np.zeros((32, 32, 4), np.uint8); layer[24, 24] = (0, 0, 255, 255)    # an RGBA layer is spread too
+    colorize(g, sk, hints=layer)
+    assert torch.equal(seen[-1][0, 3] > 0, R == R[24, 24])
+
+def pil_rgb(im): return torch.from_numpy(np.asarray(im.convert('RGB'))).permute(2, 0, 1)[None].float().div(127.5).sub(1)

@@ -13,6 +13,11 @@ SSIM): the hint-free model, and the hint model given 0, 1, 5 and 20 hints simula
 and `hints_three_walls.jpg` (one stucco test sketch: hint-free, then two clicks on the wall in each of three colours,
 as a person would give them through `colorize`).
 
+Region-filled hints (issue #19): `train hints --out runs/hints_region --sampler fill=region` trains with
+`HintSampler(fill='region')` and writes `hint_fill='region'` into the exported sidecar; `eval --out runs/hints_region
+--free runs/hints_v2/free` then spreads the same pinned test hints over the sketch regions for that model (and
+`colorize` spreads the three-walls clicks), so both hint models are scored on the same clicks.
+
 Screening a recipe change (chapter 08's table): `train hints --out runs/hints_x --set epochs=18 epochs_decay=9
 [dropout=False] [--sampler p_none=0.1 max_frac=0.125]` (`--set` overrides the preset for either kind, `--sampler`
 the `HintSampler` arguments), then `eval --out runs/hints_x --free runs/hints_exp/free --quick` (prints, writes only
@@ -27,7 +32,7 @@ from pix2pix_nb.data import pair_dl
 from pix2pix_nb.synthetic import facade_spec, render_facade, _LBL
 from pix2pix_nb.metrics import image_metrics, eval_pairs, generator_predictor
 from pix2pix_nb.generator import load_generator
-from pix2pix_nb.hints import HintSampler, hint_generator, show_hints, render_hints, Point
+from pix2pix_nb.hints import HintSampler, hint_generator, show_hints, render_hints, Point, spread_hints, hint_fill, hint_meta
 from pix2pix_nb.inference import colorize
 from pix2pix_nb.train import fit, PRESETS
 
@@ -39,7 +44,10 @@ EVAL_SAMPLER = HintSampler(n_max=24, p=1/8, p_none=.25, max_frac=1/16)   # the t
 
 def _kv(items):
     "['a=1', 'b=.5', 'c=False'] -> {'a': 1, 'b': .5, 'c': False}"
-    return {k: json.loads(v.lower() if v in ('True', 'False') else v) for k, v in (i.split('=', 1) for i in items or [])}
+    def val(v):
+        try: return json.loads(v.lower() if v in ('True', 'False') else v)
+        except ValueError: return v   # a bare word: fill=region
+    return {k: val(v) for k, v in (i.split('=', 1) for i in items or [])}
 
 def recipe(kind, sets=None, sampler=None):
     "fit's keyword arguments for `kind` ('free' or 'hints'): the preset, `sets` overrides, and for 'hints' a `HintSampler(**sampler)`."
@@ -59,6 +67,12 @@ def train(kind, out, sets=None, sampler=None):
     times[kind] = times.get(kind, 0) + dt
     (out/'train_time.json').write_text(json.dumps(times))
     print(f"{kind}: {'interrupted, rerun to continue' if learn.interrupted else 'done'} after {dt:.0f} s (total {times[kind]:.0f} s)")
+    if not learn.interrupted and hint_meta(cfg['hints']): record_fill(run/'generator.safetensors', cfg['hints'])
+
+def record_fill(path, sampler):
+    "Write the sampler's `hint_meta` (hint_fill='region') into the exported sidecar, so `colorize` spreads clicks as training did."
+    info = json.loads(path.with_suffix('.json').read_text())
+    path.with_suffix('.json').write_text(json.dumps({**info, **hint_meta(sampler)}, indent=1))
 
 def eval_hints(G, dl, n, seed=1234):
     "Mean per-image L1/SSIM of hint model `G` given `n` hints simulated from each true photo (batch j: hint_generator(seed, n, j))."
@@ -66,11 +80,15 @@ def eval_hints(G, dl, n, seed=1234):
     with torch.no_grad():
         for j, (A, B) in enumerate(dl):
             A, B = A.as_subclass(torch.Tensor), B.as_subclass(torch.Tensor)
-            H = s(B, hint_generator(seed, n, j), n=n)
+            H = _spread(G, s(B, hint_generator(seed, n, j), n=n), A)
             P = generator_predictor(G)(A) if n == 0 else _predict(G, A, H)
             for k, v in image_metrics(P, B).items(): sums[k] = sums.get(k, 0.) + v.sum().item()
             cnt += len(A)
     return {k: round(v / cnt, 5) for k, v in sums.items()} | {'n': cnt}
+
+def _spread(G, H, A):
+    "The pinned test hints as model `G` was trained to see them: spread over the sketch regions for a fill='region' model."
+    return spread_hints(H, A) if hint_fill(G) == 'region' else H
 
 def _predict(G, A, H):
     from pix2pix_nb.core import inference_mode
@@ -105,7 +123,7 @@ def three_walls(G_free, G_hint, size, images):
     for name, c in COLORS.items():
         truth = pil_to_tensor(render_facade({**p, 'wall': c}, size)[1])[None]
         out = pil_to_tensor(colorize(G_hint, sk, hints=[Point(x, y, c) for x, y in pts]))[None]
-        H = render_hints([Point(x, y, c) for x, y in pts], (size, size), (size, size))
+        H = render_hints([Point(x, y, c) for x, y in pts], (size, size), (size, size), fill=hint_fill(G_hint), sketch=A)
         cols += [show_hints(H, A), out]
         info['l1'][name] = dict(hint_free=round(image_metrics(cols[1], truth)['l1'].item(), 4), hints=round(image_metrics(out, truth)['l1'].item(), 4))
     tile(cols, 128, pad=2).save(images/'hints_three_walls.jpg', quality=88)
@@ -128,7 +146,7 @@ def evaluate(out, images, free=None, quick=False):
     # sheet of test facades
     A, B = next(iter(pair_dl('synthetic', 'test', size=size, bs=8, num_workers=0)))
     A, B = A.as_subclass(torch.Tensor), B.as_subclass(torch.Tensor)
-    H = EVAL_SAMPLER(B, hint_generator(1234, 5, 0), n=5)
+    H = _spread(G_hint, EVAL_SAMPLER(B, hint_generator(1234, 5, 0), n=5), A)
     with torch.no_grad():
         cols = [A, B, generator_predictor(G_free)(A), generator_predictor(G_hint)(A), show_hints(H, A), _predict(G_hint, A, H)]
     tile(cols, 96, pad=2).save(images/'hints_test.jpg', quality=85)
