@@ -24,7 +24,7 @@ from .gan import _plain
 from .metrics import *
 from .callbacks import *
 from .distributed import *
-from .hints import HINT_CH, HintSampler, HintCallback, hint_panels
+from .hints import HINT_CH, HintSampler, HintCallback, hint_panels, hint_meta
 
 # %% auto #0
 __all__ = ['PRESETS', 'log_line', 'check_positive', 'default_progress', 'start_run', 'run_callbacks', 'run_fit', 'hint_sampler',
@@ -129,9 +129,9 @@ PRESETS = {
 
 # %% ../nbs/03c_fit.ipynb #8e4f19f8
 def hint_sampler(hints) -> callable:
-    "`fit`'s `hints=`: False/None -> no hints, True -> `HintSampler()`, a callable `sampler(B, gen) -> hints` as it is."
+    "`fit`'s `hints=`: False/None -> no hints, True -> `HintSampler(fill='region')` (clicks spread over their sketch region), a callable `sampler(B, gen) -> hints` as it is."
     if hints is None or hints is False: return None
-    if hints is True: return HintSampler()
+    if hints is True: return HintSampler(fill='region')
     if callable(hints): return hints
     raise ValueError(f"hints={hints!r}: need True/False or a sampler `sampler(B, gen) -> hints` (see chapter 08)")
 
@@ -153,7 +153,7 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
         dropout:bool=True, # Dropout in the generator's decoder (the paper's noise)
         test_dropout:bool=False, # Keep dropout on when validating and drawing grids (paper's test mode)
         ema:float=None, # Average G's weights over training (`GeneratorEMA`, e.g. 0.999): validation, grids and the export use the average
-        hints=False, # Colour hints (chapter 08): True trains with simulated hints (`HintSampler()`), or pass a sampler `sampler(B, gen) -> hints`
+        hints=False, # Colour hints (chapter 08): True trains with simulated hints spread over sketch regions (`HintSampler(fill='region')`), or pass a sampler `sampler(B, gen) -> hints`
         out='runs/pix2pix', # Output folder
         save_every:int=5, # Checkpoint every N epochs (and at the end)
         resume=None, # Checkpoint to continue from (True: out/checkpoint.pt)
@@ -189,7 +189,7 @@ def fit(source='synthetic', # 'synthetic', a folder in pix2pix AB layout, or a f
                direction=direction, generator=getattr(generator, '__name__', str(generator)), upsample=upsample, ngf=ngf, ndf=ndf, n_layers=n_layers,
                norm=norm, dropout=dropout, test_dropout=test_dropout, load_size=load_size, ema=ema, compile=compile, hints=repr(sampler) if sampler else False)
     exp = lambda l: export_generator(l, run.out/'generator.safetensors', direction=direction, size=size, source=str(source),
-                                     epochs=epochs, test_dropout=test_dropout, hints=bool(sampler))
+                                     epochs=epochs, test_dropout=test_dropout, hints=bool(sampler), **hint_meta(sampler))
     return run_fit(learn, run, lr, cfg, progress, exp if export else None)
 
 # %% ../nbs/03c_fit.ipynb #a6135537

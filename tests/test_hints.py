@@ -111,6 +111,7 @@ def test_fit_records_hints_and_colorize_uses_them(data, tmp_path):
     tiny_fit(data, tmp_path/'h')
     G = load_generator(tmp_path/'h'/'generator.safetensors')
     assert G.hparams['hint_ch'] == HINT_CH and G.meta['hints'] is True
+    assert G.meta.get('hint_fill') == 'region'   # fit(hints=True) spreads hints over sketch regions, and colorize knows it
     sk = synthetic_triple(0, 'test', size=40)[0]
     plain, hinted = colorize(G, sk), colorize(G, sk, hints=[Point(20, 20, 'pink'), Stroke([(2, 30), (30, 30)], '#3060c0')])
     assert plain.size == hinted.size == (40, 40) and not np.array_equal(np.asarray(plain), np.asarray(hinted))
