@@ -16,8 +16,8 @@ from fastai.callback.core import Callback
 
 # %% auto #0
 __all__ = ['HINT_CH', 'FILLS', 'show_hints', 'hint_counts', 'random_boxes', 'box_means', 'paint_hints', 'sketch_regions',
-           'spread_hints', 'HintSampler', 'hint_generator', 'hint_fill', 'hint_meta', 'HintCallback', 'hint_panels',
-           'parse_color', 'Point', 'Stroke', 'default_dot', 'as_hint', 'render_hints']
+           'spread_hints', 'HintSampler', 'hint_generator', 'takes_hints', 'hint_fill', 'hint_meta', 'HintCallback',
+           'hint_panels', 'parse_color', 'Point', 'Stroke', 'default_dot', 'as_hint', 'render_hints']
 
 # %% ../nbs/08_hints.ipynb #110dc9c6
 HINT_CH = 4 # RGB in [-1, 1] where a hint is, plus a 0/1 mask; all zero: no hint
@@ -142,6 +142,8 @@ class HintSampler:
 def hint_generator(*keys:int) -> torch.Generator:
     "A CPU `torch.Generator` seeded from integer `keys` (e.g. seed, epoch, batch): the same keys always give the same hints."
     return torch.Generator().manual_seed(int(np.random.SeedSequence([int(k) % 2**32 for k in keys]).generate_state(1)[0]))
+
+def takes_hints(model) -> bool: "Does `model` take hint channels (`hint_ch` in its hyper-parameters)?" ; return bool(getattr(model, 'hparams', {}).get('hint_ch'))
 
 def hint_fill(model) -> str:
     "How `model`'s hints are to be rendered: 'region' or 'box', from `fit` (in memory) or its sidecar's `hint_fill` (older files: 'box')."

@@ -15,7 +15,7 @@ from fastprogress.fastprogress import progress_bar
 from .data import load_rgb, pair_dl
 from .generator import export_generator, load_generator, read_meta, ModelFileError
 from .metrics import image_metrics
-from .hints import render_hints, hint_fill
+from .hints import render_hints, hint_fill, takes_hints
 from .callbacks import PRECISIONS, resolve_precision, compile_supported
 
 # %% auto #0
@@ -133,7 +133,7 @@ def colorize(model:nn.Module, # Generator (e.g. from `load_generator`)
     imgs = [_to_pil(o) for o in ([image] if single else image)]
     hl = [hints] if single else [None] * len(imgs) if hints is None else list(hints)
     if len(hl) != len(imgs): raise ValueError(f"colorize: {len(hl)} hint entries for {len(imgs)} images: give one (or None) per image")
-    takes = bool(getattr(model, 'hparams', {}).get('hint_ch'))
+    takes = takes_hints(model)
     if not takes and any(h is not None for h in hl): raise ValueError("colorize: hints given, but this generator takes none (hint_ch=0): train one with fit(hints=True)")
     size, m = size or _model_size(model), net_multiple(model)
     preps = [prepare(im, size, m) for im in imgs]
@@ -253,7 +253,7 @@ def check_files_args(model, size=None, bs=8, precision='auto', channels_last=Non
     _check_bs(bs)
     resolve_precision(precision, channels_last, torch.device(device) if device else next(model.parameters()).device)
     if hints is not None:
-        if not getattr(model, 'hparams', {}).get('hint_ch'): raise ValueError("hints given, but this generator takes none (hint_ch=0): train one with fit(hints=True)")
+        if not takes_hints(model): raise ValueError("hints given, but this generator takes none (hint_ch=0): train one with fit(hints=True)")
         if not Path(hints).is_dir(): raise ValueError(f"hints={str(hints)!r}: not a folder of hint layers")
 
 def colorize_files(model, # Generator (e.g. from `load_generator`)
@@ -274,7 +274,7 @@ def colorize_files(model, # Generator (e.g. from `load_generator`)
     "Colourise `files` into `outdir` in batches: (written, skipped, failed) lists; a file that cannot be read, colourised or written is one logged line, and the rest go on"
     dev = torch.device(device) if device else next(model.parameters()).device
     check_files_args(model, size, bs, precision, channels_last, hints, dev)   # a bad value stops here, before any file is touched
-    takes = bool(getattr(model, 'hparams', {}).get('hint_ch'))
+    takes = takes_hints(model)
     outdir = Path(outdir); outdir.mkdir(parents=True, exist_ok=True)
     size, m = size or _model_size(model), net_multiple(model)
     written, skipped, failed, pending = [], [], [], {}
